@@ -1,0 +1,205 @@
+"""Postgres access: the only module that touches psycopg (pool, listener, sync reads)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import psycopg.sql
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from streaming import queries
+from streaming.exceptions import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+Params = Mapping[str, Any]
+Row = tuple[Any, ...]
+
+
+def conninfo_from_django(alias: str = "default") -> str:
+    """A libpq connection string for one of Django's DATABASES entries."""
+    from django.conf import settings
+
+    cfg = settings.DATABASES[alias]
+    parts = {
+        "dbname": cfg.get("NAME") or "postgres",
+        "user": cfg.get("USER") or None,
+        "password": cfg.get("PASSWORD") or None,
+        "host": cfg.get("HOST") or None,
+        "port": str(cfg["PORT"]) if cfg.get("PORT") else None,
+    }
+    options = {k: v for k, v in (cfg.get("OPTIONS") or {}).items() if isinstance(v, str | int)}
+    return make_conninfo("", **{k: v for k, v in parts.items() if v is not None}, **options)
+
+
+@asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Turn psycopg's connection failures into DatabaseUnavailable."""
+    try:
+        yield
+    except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+        raise DatabaseUnavailable(str(exc)) from exc
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable("no database connection available") from exc
+
+
+async def retrying(op: Callable[[], Awaitable[Any]], deadline: float) -> Any:
+    """Run ``op()`` again while the database is unavailable, for up to ``deadline`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    delay = 0.1
+    while True:
+        try:
+            return await op()
+        except DatabaseUnavailable:
+            if loop.time() + delay > end:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+
+class Database:
+    """A small async pool bound to one event loop; every statement is named."""
+
+    def __init__(self, conninfo: str, min_size: int = 1, max_size: int = 4) -> None:
+        self.conninfo = conninfo
+        self.queries_run = 0
+        self._pool = AsyncConnectionPool(
+            conninfo, min_size=min_size, max_size=max_size, open=False,
+            kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0, timeout=30, name="streaming",
+        )
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close(timeout=2)
+
+    @property
+    def max_size(self) -> int:
+        return self._pool.max_size
+
+    async def fetchall(self, name: str, params: Params | None = None) -> list[Row]:
+        async with translated_errors(), self._pool.connection() as conn:
+            cur = await conn.execute(queries.get(name), params)
+            self.queries_run += 1
+            return await cur.fetchall()
+
+    async def fetchone(self, name: str, params: Params | None = None) -> Row | None:
+        rows = await self.fetchall(name, params)
+        return rows[0] if rows else None
+
+    async def execute(self, name: str, params: Params | None = None) -> None:
+        async with translated_errors(), self._pool.connection() as conn:
+            await conn.execute(queries.get(name), params)
+            self.queries_run += 1
+
+    async def run_in_transaction(self, steps: list[tuple[str, Params]]) -> list[list[Row]]:
+        """Run named statements in one transaction; the rows of each."""
+        out: list[list[Row]] = []
+        async with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            for name, params in steps:
+                cur = await conn.execute(queries.get(name), params)
+                self.queries_run += 1
+                out.append(await cur.fetchall() if cur.description else [])
+        return out
+
+    async def delete_task(self, run_id: int, app_label: str, model_name: str, task_id: int,
+                          db_table: str, pk_column: str) -> None:
+        """Delete a task's events, run and own row in one transaction."""
+        ident = {"app_label": app_label, "model_name": model_name, "task_id": task_id}
+        row_delete = psycopg.sql.SQL("DELETE FROM {} WHERE {} = %(task_id)s").format(
+            psycopg.sql.Identifier(db_table), psycopg.sql.Identifier(pk_column))
+        async with translated_errors(), self._pool.connection() as conn, conn.transaction():
+            await conn.execute(queries.get("delete_events"), ident)
+            await conn.execute(queries.get("delete_run"), {"run_id": run_id})
+            await conn.execute(row_delete, ident)
+
+
+class Listener:
+    """One dedicated LISTEN connection; yields notification payloads."""
+
+    def __init__(self, conninfo: str, channel: str) -> None:
+        self.conninfo = conninfo
+        self.channel = channel
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def connect(self, timeout: float = 5.0) -> None:
+        async with translated_errors():
+            conn = await psycopg.AsyncConnection.connect(
+                self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+            listen = psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel))
+            await conn.execute(listen)
+        self._conn = conn
+
+    async def payloads(self, timeout: float) -> AsyncIterator[str]:
+        """Notifications until ``timeout`` seconds pass; raises DatabaseUnavailable on loss."""
+        assert self._conn is not None
+        async with translated_errors():
+            async for note in self._conn.notifies(timeout=timeout):
+                yield note.payload
+
+    async def ping(self, timeout: float) -> None:
+        """Round-trip on the LISTEN connection; raises DatabaseUnavailable when it is gone."""
+        assert self._conn is not None
+        try:
+            async with translated_errors():
+                await asyncio.wait_for(self._conn.execute(b"SELECT 1"), timeout)
+        except TimeoutError as exc:
+            raise DatabaseUnavailable("LISTEN connection did not answer") from exc
+
+    async def backend_pid(self) -> int:
+        assert self._conn is not None
+        return self._conn.info.backend_pid
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except (TimeoutError, psycopg.Error):
+                logger.debug("closing a broken LISTEN connection failed", exc_info=True)
+
+
+class SyncReader:
+    """A per-thread sync connection for the few sync APIs (``is_task_running``)."""
+
+    def __init__(self, conninfo: str) -> None:
+        self.conninfo = conninfo
+        self._local = threading.local()
+
+    def fetchone(self, name: str, params: Params | None = None) -> Row | None:
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return conn.execute(queries.get(name), params).fetchone()
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._local.conn = None
+                if attempt == 2:
+                    raise DatabaseUnavailable(str(exc)) from exc
+        return None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            try:
+                conn = psycopg.connect(self.conninfo, autocommit=True)
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(str(exc)) from exc
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

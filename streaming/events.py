@@ -1,0 +1,108 @@
+"""Events as values: validation of what users send, and their wire formats (SSE, JSON)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from streaming.exceptions import InvalidEventData, InvalidEventType
+
+EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+TERMINAL_EVENT = "end"
+STATUSES = ("pending", "running", "completed", "failed", "cancelled")
+FINISHED = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskKey:
+    """A task's identity: app label, model name (as in the class) and primary key."""
+
+    app_label: str
+    model_name: str
+    task_id: int
+
+    @property
+    def path(self) -> str:
+        return f"{self.app_label}/{self.model_name}/{self.task_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed row of the event log, with its SSE frame encoded once."""
+
+    seq: int
+    type: str
+    data_json: str
+    created_at: datetime
+    attempt: int
+    frame: bytes
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type == TERMINAL_EVENT
+
+    def payload(self) -> dict[str, Any]:
+        """The data as clients see it: the user's dict plus the ``_``-prefixed metadata."""
+        data: dict[str, Any] = json.loads(_sse_data(self.frame))
+        return data
+
+    def as_message(self) -> dict[str, Any]:
+        """The seed's in-process queue item."""
+        return {
+            "type": self.type,
+            "data": self.payload(),
+            "timestamp": iso(self.created_at),
+            "seq": self.seq,
+        }
+
+
+def validate(event_type: object, data: object) -> str:
+    """Check an event before anything is written; returns the data as JSON text."""
+    if not isinstance(event_type, str) or not EVENT_TYPE_RE.fullmatch(event_type):
+        raise InvalidEventType(
+            f"event_type must match [A-Za-z0-9_.:-]{{1,64}}, got {event_type!r}"
+        )
+    if not isinstance(data, dict):
+        raise InvalidEventData(f"event data must be a dict, got {type(data).__name__}")
+    try:
+        text = json.dumps(data, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidEventData(f"event data is not JSON-serialisable: {exc}") from exc
+    if "\\u0000" in text:
+        raise InvalidEventData("event data must not contain NUL characters (jsonb rejects them)")
+    return text
+
+
+def iso(moment: datetime) -> str:
+    """UTC ISO 8601 with a ``Z``, as the seed prints timestamps."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def build(key: TaskKey, seq: int, event_type: str, data_json: str, created_at: datetime,
+          attempt: int) -> Event:
+    """An Event from a log row; the SSE frame is composed here, once per event."""
+    meta = (
+        f'"_task_id": {key.task_id}, "_app": {json.dumps(key.app_label)}, '
+        f'"_model": {json.dumps(key.model_name)}, "_timestamp": "{iso(created_at)}", '
+        f'"_seq": {seq}'
+    )
+    body = data_json.rstrip()
+    merged = "{" + meta + "}" if body == "{}" else body[:-1] + ", " + meta + "}"
+    frame = f"id: {seq}\nevent: {event_type}\ndata: {merged}\n\n".encode()
+    return Event(seq, event_type, data_json, created_at, attempt, frame)
+
+
+def _sse_data(frame: bytes) -> str:
+    text = frame.decode()
+    start = text.index("\ndata: ") + len("\ndata: ")
+    return text[start:text.index("\n", start)]
+
+
+def retry_frame(retry_ms: int) -> bytes:
+    return f"retry: {retry_ms}\n\n".encode()
+
+
+KEEPALIVE_FRAME = b": keep-alive\n\n"

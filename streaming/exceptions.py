@@ -1,0 +1,31 @@
+"""The package's exceptions: one root, and the errors callers can catch."""
+
+from __future__ import annotations
+
+
+class StreamingError(Exception):
+    """Root of every error this package raises."""
+
+
+class InvalidEventType(StreamingError, ValueError):
+    """An event type that does not match ``[A-Za-z0-9_.:-]{1,64}``."""
+
+
+class InvalidEventData(StreamingError, TypeError):
+    """Event data that is not a JSON-serialisable dict."""
+
+
+class LeaseLost(StreamingError):
+    """This worker no longer owns the task: another attempt took over, or it finished."""
+
+
+class TaskNotStarted(StreamingError):
+    """The task has no run yet, so it has nothing to report."""
+
+
+class UnknownTaskModel(StreamingError, LookupError):
+    """An app/model pair that is not a concrete StreamTask subclass."""
+
+
+class DatabaseUnavailable(StreamingError):
+    """Postgres could not be reached; the operation may be retried."""

@@ -1,0 +1,263 @@
+"""Fan-out: one LISTEN connection per process feeding every local subscriber of a task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from streaming import log
+from streaming.db import Database, Listener
+from streaming.events import Event, TaskKey
+from streaming.exceptions import DatabaseUnavailable
+from streaming.notifier import decode
+
+logger = logging.getLogger(__name__)
+
+
+class Subscription:
+    """One consumer of one task's events; reads the log itself whenever it falls behind."""
+
+    def __init__(self, hub: Hub, topic: _Topic, after: int, buffer: int) -> None:
+        self.hub = hub
+        self.topic = topic
+        self.last = after
+        self.latest = -1  # highest seq known to exist; -1: unknown, read the log first
+        self.overflowed = False
+        self.closed = False
+        self._buffer = buffer
+        self._pending: deque[Event] = deque()
+        self._wake = asyncio.Event()
+
+    def offer(self, batch: list[Event]) -> None:
+        if batch:
+            self.latest = max(self.latest, batch[-1].seq)
+        if self.overflowed or len(self._pending) + len(batch) > self._buffer:
+            self.overflowed = True
+            self._pending.clear()
+        else:
+            self._pending.extend(batch)
+        self._wake.set()
+
+    def poke(self, seq: int) -> None:
+        """The log has rows up to ``seq``, whether or not they were handed over."""
+        if seq > self.latest:
+            self.latest = seq
+            self._wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake.set()
+
+    async def batches(self, keepalive: float) -> AsyncIterator[list[Event]]:
+        """New events in seq order, no gap, no duplicate; an empty list after a silence."""
+        while not self.closed:
+            batch = self._take()
+            if batch is None:
+                batch = await self._catch_up()
+            if batch:
+                self.last = batch[-1].seq
+                yield batch
+                if batch[-1].is_terminal:
+                    return
+                continue
+            self._wake.clear()
+            if self.latest > self.last or self._pending:
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), keepalive)
+            except TimeoutError:
+                yield []
+
+    def _take(self) -> list[Event] | None:
+        """Buffered events that follow ``last``; None when the log must be read instead."""
+        if self.overflowed or self.latest < 0:
+            self.overflowed = False
+            self._pending.clear()
+            return None
+        out: list[Event] = []
+        while self._pending:
+            ev = self._pending.popleft()
+            if ev.seq <= self.last:
+                continue
+            if ev.seq != self.last + len(out) + 1:
+                self._pending.clear()
+                return None
+            out.append(ev)
+        if not out and self.latest > self.last:
+            return None
+        return out
+
+    async def _catch_up(self) -> list[Event]:
+        seen = self.latest
+        while True:
+            try:
+                batch = await log.read(self.hub.db, self.topic.key, self.last)
+                break
+            except DatabaseUnavailable:
+                if self.closed:
+                    return []
+                await asyncio.sleep(0.5)  # the log is the truth; wait for it to come back
+        end = batch[-1].seq if batch else self.last
+        if len(batch) == log.PAGE:
+            self.latest = max(self.latest, end + 1)
+        elif self.latest == seen:
+            self.latest = end  # nothing announced meanwhile: the log says where we are
+        self.hub.caught_up(self.topic, end)
+        return batch
+
+
+@dataclass(eq=False)
+class _Topic:
+    run_id: int
+    key: TaskKey
+    subs: set[Subscription] = field(default_factory=set)
+    fetched: int = -1
+    target: int = 0
+    fetching: asyncio.Task[None] | None = None
+
+
+class Hub:
+    """Registers subscribers per task and hands each new committed row to all of them.
+
+    One read per task per wake-up serves every subscriber; the SSE frame of each event is
+    encoded once. A lost notification costs latency only: the hub polls the log.
+    """
+
+    def __init__(self, db: Database, listener: Listener, *, buffer: int = 1024,
+                 health_interval: float = 2.0, poll_interval: float = 5.0) -> None:
+        self.db = db
+        self.listener = listener
+        self.buffer = buffer
+        self.health_interval = health_interval
+        self.poll_interval = poll_interval
+        self.on_queued: Callable[[int], None] = lambda run_id: None
+        self.on_cancel: Callable[[int], None] = lambda run_id: None
+        self.listening = False
+        self.reconnects = 0
+        self.fetches = 0
+        self._topics: dict[int, _Topic] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connected = asyncio.Event()
+
+    @property
+    def subscriber_count(self) -> int:
+        return sum(len(t.subs) for t in self._topics.values())
+
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._listen()), loop.create_task(self._poll())]
+
+    async def wait_listening(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._connected.wait(), timeout)
+
+    def subscribe(self, run_id: int, key: TaskKey, after: int) -> Subscription:
+        topic = self._topics.get(run_id)
+        if topic is None:
+            topic = self._topics[run_id] = _Topic(run_id, key)
+        sub = Subscription(self, topic, after, self.buffer)
+        topic.subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.close()
+        topic = sub.topic
+        topic.subs.discard(sub)
+        if not topic.subs and self._topics.get(topic.run_id) is topic:
+            del self._topics[topic.run_id]
+            if topic.fetching is not None:
+                topic.fetching.cancel()
+
+    def caught_up(self, topic: _Topic, seq: int) -> None:
+        if topic.fetching is None or topic.fetching.done():
+            topic.fetched = max(topic.fetched, seq)
+
+    def committed(self, run_id: int, seq: int) -> None:
+        """Rows up to ``seq`` are committed for this run (a local append or a NOTIFY)."""
+        topic = self._topics.get(run_id)
+        if topic is None or seq <= max(topic.fetched, topic.target):
+            return
+        topic.target = seq
+        if topic.fetching is None or topic.fetching.done():
+            topic.fetching = asyncio.get_running_loop().create_task(self._fetch(topic))
+
+    async def _fetch(self, topic: _Topic) -> None:
+        try:
+            while topic.subs and topic.target > topic.fetched:
+                start = topic.fetched
+                if start < 0:
+                    start = max(sub.last for sub in topic.subs)
+                batch = await log.read(self.db, topic.key, start)
+                self.fetches += 1
+                if not batch:
+                    topic.fetched = max(start, topic.fetched)
+                    break
+                topic.fetched = batch[-1].seq
+                for sub in list(topic.subs):
+                    sub.offer(batch)
+        except DatabaseUnavailable:
+            logger.warning("reading run %s for subscribers failed; the poll will retry",
+                           topic.run_id)
+            for sub in list(topic.subs):
+                sub.poke(topic.target)
+
+    def _dispatch(self, payload: str) -> None:
+        msg = decode(payload)
+        for run_id, seq in msg.events.items():
+            self.committed(run_id, seq)
+        for run_id in msg.queued:
+            self.on_queued(run_id)
+        for run_id in msg.cancels:
+            self.on_cancel(run_id)
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self.listener.connect()
+                self.listening = True
+                self._connected.set()
+                backoff = 0.1
+                await self.poll_once()  # whatever was missed while not listening
+                while True:
+                    async for payload in self.listener.payloads(self.health_interval):
+                        self._dispatch(payload)
+                    await self.listener.ping(self.health_interval)
+            except DatabaseUnavailable as exc:
+                if self.listening:
+                    self.reconnects += 1
+                    logger.warning("LISTEN connection lost (%s); reconnecting", exc)
+                self.listening = False
+                await self.listener.close()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval if self.listening else 0.5)
+            try:
+                await self.poll_once()
+            except DatabaseUnavailable:
+                logger.debug("log poll failed; the database is unreachable")
+
+    async def poll_once(self) -> None:
+        """Read each subscribed run's last seq and fetch what was not announced."""
+        if not self._topics:
+            return
+        rows = await self.db.fetchall("last_seqs", {"run_ids": list(self._topics)})
+        for run_id, last_seq, _status in rows:
+            self.committed(run_id, last_seq)
+
+    async def aclose(self) -> None:
+        for topic in list(self._topics.values()):
+            for sub in list(topic.subs):
+                sub.close()
+        tasks = self._tasks + [t.fetching for t in self._topics.values() if t.fetching]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks = []
+        await self.listener.close()

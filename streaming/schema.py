@@ -1,0 +1,24 @@
+"""The DDL files in migrations_sql/: where they are and what each contains."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "migrations_sql"
+_NAME = re.compile(r"\d{4}_[a-z0-9_]+\.sql")
+
+
+def files() -> list[str]:
+    """The DDL file names in order (``NNNN_name.sql``)."""
+    return sorted(p.name for p in SQL_DIR.iterdir() if _NAME.fullmatch(p.name))
+
+
+def read(name: str) -> str:
+    """The text of one DDL file; FileNotFoundError names the directory searched."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"not a DDL file name: {name!r}")
+    path = SQL_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} not found in {SQL_DIR}")
+    return path.read_text()

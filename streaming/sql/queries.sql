@@ -1,0 +1,92 @@
+-- Every statement the package runs, by name. Loaded by streaming/queries.py.
+
+-- enqueue --
+-- Create the run of a task (pending) unless it exists; returns the run either way.
+INSERT INTO streaming_taskrun (app_label, model_name, task_id, db_table, pk_column,
+                               max_attempts, timeout_seconds)
+VALUES (%(app_label)s, %(model_name)s, %(task_id)s, %(db_table)s, %(pk_column)s,
+        %(max_attempts)s, %(timeout_seconds)s)
+ON CONFLICT (app_label, model_name, task_id) DO UPDATE SET updated_at = streaming_taskrun.updated_at
+RETURNING id, status, attempt, last_seq, (xmax = 0) AS created;
+
+-- get_run --
+SELECT id, status, attempt, last_seq, final_value, error, started_at, finished_at,
+       lease_owner, lease_expires_at, cancel_requested_at, created_at
+  FROM streaming_taskrun
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
+
+-- run_status --
+SELECT status FROM streaming_taskrun
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
+
+-- last_seqs --
+SELECT id, last_seq, status FROM streaming_taskrun WHERE id = ANY(%(run_ids)s);
+
+-- claim --
+SELECT id, app_label, model_name, task_id, attempt, timeout_seconds, last_seq,
+       cancel_requested_at IS NOT NULL AS cancel_requested
+  FROM streaming_claim(%(owner)s, %(ttl)s, %(run_id)s);
+
+-- heartbeat --
+-- Renew the leases this worker still holds; a run missing from the result was lost.
+UPDATE streaming_taskrun r
+   SET lease_expires_at = now() + make_interval(secs => %(ttl)s)
+  FROM unnest(%(run_ids)s::bigint[], %(attempts)s::integer[]) AS h(run_id, attempt)
+ WHERE r.id = h.run_id AND r.attempt = h.attempt AND r.status = 'running'
+   AND r.lease_owner = %(owner)s
+RETURNING r.id, r.cancel_requested_at IS NOT NULL AS cancel_requested;
+
+-- append_many --
+SELECT ord, seq FROM streaming_append_many(
+    %(run_ids)s::bigint[], %(attempts)s::integer[], %(types)s::text[], %(datas)s::jsonb[]);
+
+-- finish --
+SELECT streaming_finish(%(run_id)s, %(attempt)s, %(status)s, %(final_value)s::jsonb, %(error)s::jsonb);
+
+-- finish_unowned --
+SELECT streaming_finish_unowned(%(run_id)s, %(status)s, %(final_value)s::jsonb, %(error)s::jsonb);
+
+-- release --
+-- Give a run back without finishing it (graceful shutdown): claimable at once.
+UPDATE streaming_taskrun
+   SET status = 'pending', releases = releases + 1, lease_owner = NULL,
+       lease_expires_at = NULL, queued_at = now(), updated_at = now()
+ WHERE id = %(run_id)s AND attempt = %(attempt)s AND status = 'running'
+RETURNING id;
+
+-- request_cancel --
+UPDATE streaming_taskrun
+   SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s
+   AND status IN ('pending', 'running')
+RETURNING id, status, lease_owner, lease_expires_at < now() AS lease_expired;
+
+-- read_events --
+SELECT seq, event_type, data::text, created_at, attempt
+  FROM streaming_taskevent
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s
+   AND seq > %(after)s
+ ORDER BY seq
+ LIMIT %(limit)s;
+
+-- read_last_event --
+SELECT seq, event_type, data::text, created_at, attempt
+  FROM streaming_taskevent
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s
+ ORDER BY seq DESC
+ LIMIT 1;
+
+-- notify --
+SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- old_runs --
+SELECT id, app_label, model_name, task_id, db_table, pk_column
+  FROM streaming_taskrun
+ WHERE finished_at < now() - make_interval(hours => %(hours)s);
+
+-- delete_events --
+DELETE FROM streaming_taskevent
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
+
+-- delete_run --
+DELETE FROM streaming_taskrun WHERE id = %(run_id)s;
