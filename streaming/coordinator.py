@@ -103,6 +103,12 @@ class TaskCoordinator:
             "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id})
         return row is not None and row[0] in ("pending", "running")
 
+    def close(self) -> None:
+        """Close this process's sync connection (the async ones close with their runtime)."""
+        if self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
     def _sync_reader(self) -> SyncReader:
         if self._sync is None:
             self._sync = SyncReader(conninfo_from_django())
@@ -197,7 +203,7 @@ class TaskCoordinator:
                 return
             async for batch in sub.batches(rt.settings.KEEPALIVE_INTERVAL):
                 for ev in batch:
-                    queue.put_nowait(ev.as_message())
+                    await queue.put(ev.as_message())  # a full queue holds only this pump
         finally:
             rt.hub.unsubscribe(sub)
 
