@@ -90,7 +90,7 @@ class TaskCoordinator:
             model = registry.resolve(app, model_name)
         except LookupError:
             return None
-        task = await model.objects.filter(pk=task_id).afirst()
+        task = await model._default_manager.filter(pk=task_id).afirst()
         if task is not None:
             await self.start_task(task)
         return task

@@ -27,7 +27,7 @@ def conninfo_from_django(alias: str = "default") -> str:
     """A libpq connection string for one of Django's DATABASES entries."""
     from django.conf import settings
 
-    cfg = settings.DATABASES[alias]
+    cfg: dict[str, Any] = settings.DATABASES[alias]
     parts = {
         "dbname": cfg.get("NAME") or "postgres",
         "user": cfg.get("USER") or None,

@@ -800,7 +800,7 @@ def release_shared_server(data_dir: Path) -> None:
 
 
 def read_state(data_dir: Path) -> SharedState | None:
-    """What the running supervisor recorded in ``data_dir``, if anything."""
+    """What the last supervisor recorded in ``data_dir`` (current only while it runs)."""
     try:
         return SharedState(**json.loads((data_dir / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError):
@@ -1045,8 +1045,8 @@ class _Supervisor:
         self.start([self.port])
 
     def shutdown(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.data_dir / STATE_FILE).unlink()
+        # server.json stays: it is only believed while supervisor.lock is held, and the next
+        # supervisor tries its port first, so that the URL stays the same across restarts.
         if self.proc is not None:
             _stop_process(self.proc)
             log.info("postgres stopped (exit code %s)", self.proc.returncode)

@@ -68,6 +68,7 @@ class StreamTask(models.Model):
             item = await asyncio.to_thread(next, generator, done)
             if item is done:
                 return last
+            assert isinstance(item, dict), "a generator of progress must yield dicts"
             await self.send_event("progress", item)
             last = item
 

@@ -34,8 +34,11 @@ class Runtime:
                                  settings.LEASE_TTL)
         self.worker = Worker(self)
         self.hub.on_queued = self.worker.wake
-        self.hub.on_cancel = lambda run_id: self.worker.stop_local(run_id, "cancelled") and None
+        self.hub.on_cancel = self._cancel_here
         self.background: set[asyncio.Task[Any]] = set()
+
+    def _cancel_here(self, run_id: int) -> None:
+        self.worker.stop_local(run_id, "cancelled")
 
     async def start(self) -> None:
         await self.db.open()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,8 +65,7 @@ class Process:
             uds=o.socket, lifespan="off", log_level=o.log_level, access_log=False,
             timeout_graceful_shutdown=2, loop="none", http="auto",
         )
-        self.uvicorn = uvicorn.Server(config)
-        self.uvicorn.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.uvicorn = _QuietServer(config)
         await self.uvicorn.serve()
 
     def _on_signal(self, sig: int) -> None:
@@ -85,6 +86,14 @@ class Process:
             await serving
         await runtime.shutdown()
         logger.info("stopped")
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn, minus its signal handlers: the Process owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
 
 
 def run(options: ServeOptions) -> None:

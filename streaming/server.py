@@ -98,7 +98,7 @@ class StreamServer:
             return None
         if not model.can_view(task_id, dict(request.headers)):
             return None
-        if not await model.objects.filter(pk=task_id).aexists():
+        if not await model._default_manager.filter(pk=task_id).aexists():
             return None
         return model, key
 
@@ -293,5 +293,5 @@ def build_app(server: StreamServer | None = None) -> Any:
         return await server(request)
 
     app = asgineer.to_asgi(handler)
-    app.stream_server = server  # type: ignore[attr-defined]
+    app.stream_server = server
     return app

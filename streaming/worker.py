@@ -126,7 +126,7 @@ class Worker:
     async def _load(self, ctx: RunContext) -> StreamTask | None:
         try:
             model = registry.resolve(ctx.key.app_label, ctx.key.model_name)
-            instance = await model.objects.aget(pk=ctx.key.task_id)
+            instance = await model._default_manager.aget(pk=ctx.key.task_id)
         except (UnknownTaskModel, LookupError) as exc:
             await self._finish(ctx, "failed", None, error_info(exc))
             return None

@@ -12,7 +12,8 @@ from tests import support
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true", help="also run the long fault-injection variants")
+    parser.addoption("--slow", action="store_true",
+                     help="also run the long fault-injection variants")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -101,7 +101,7 @@ class HttpxFetchTask(StreamTask):
 class ScriptedTask(StreamTask):
     """A task shaped by its fields, for tests: how many events, how fast, how big, failing."""
 
-    events = models.PositiveIntegerField(default=5)
+    ticks = models.PositiveIntegerField(default=5)
     delay = models.FloatField(default=0.0)
     payload_size = models.PositiveIntegerField(default=0)
     fail_at = models.IntegerField(null=True, blank=True)
@@ -111,7 +111,7 @@ class ScriptedTask(StreamTask):
 
     async def process(self) -> Any:
         pad = "x" * self.payload_size
-        for i in range(1, self.events + 1):
+        for i in range(1, self.ticks + 1):
             if self.fail_at == i:
                 raise RuntimeError(f"failed at step {i}")
             if self.delay:

@@ -62,7 +62,7 @@ def test_stream_runs_a_never_started_task_and_ends_after_end(server):
 
 
 def test_the_model_name_is_case_insensitive_and_the_app_optional(server):
-    task = ScriptedTask.objects.create(events=2)
+    task = ScriptedTask.objects.create(ticks=2)
     _, events = read_stream(f"{server.url}/stream/scriptedtask/{task.pk}")
     assert [e.id for e in events] == [1, 2, 3]
     _, again = read_stream(f"{server.url}/stream/tests/SCRIPTEDTASK/{task.pk}", headers=SSE)
@@ -70,7 +70,7 @@ def test_the_model_name_is_case_insensitive_and_the_app_optional(server):
 
 
 def test_a_finished_task_plain_get_is_the_seeds_json_and_resume_at_end_is_204(server):
-    task = ScriptedTask.objects.create(events=2, result={"answer": 42})
+    task = ScriptedTask.objects.create(ticks=2, result={"answer": 42})
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     read_stream(url)
     resp = httpx.get(url)
@@ -85,7 +85,7 @@ def test_a_finished_task_plain_get_is_the_seeds_json_and_resume_at_end_is_204(se
 
 
 def test_resume_with_last_event_id_gives_exactly_the_missing_events(server):
-    task = ScriptedTask.objects.create(events=30, delay=0.01)
+    task = ScriptedTask.objects.create(ticks=30, delay=0.01)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     _, head = read_stream(url, max_events=7)
     assert [e.id for e in head] == list(range(1, 8))
@@ -97,7 +97,7 @@ def test_resume_with_last_event_id_gives_exactly_the_missing_events(server):
 
 
 def test_three_concurrent_clients_all_get_the_full_stream(server):
-    task = ScriptedTask.objects.create(events=40, delay=0.01)
+    task = ScriptedTask.objects.create(ticks=40, delay=0.01)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     results: list[list[int]] = []
 
@@ -115,7 +115,7 @@ def test_three_concurrent_clients_all_get_the_full_stream(server):
 
 def test_a_client_resumes_on_another_server_without_gap_or_duplicate(server_factory):
     first, second = server_factory(), server_factory("--no-worker")
-    task = ScriptedTask.objects.create(events=60, delay=0.02)
+    task = ScriptedTask.objects.create(ticks=60, delay=0.02)
     _, head = read_stream(f"{first.url}/stream/tests/ScriptedTask/{task.pk}", max_events=10)
     last = head[-1].id
     _, tail = read_stream(f"{second.url}/stream/tests/ScriptedTask/{task.pk}",
@@ -140,7 +140,7 @@ def test_a_task_queued_by_manage_create_task_runs_on_the_servers_worker(server, 
 
 
 def test_create_status_and_field_errors_over_http(server):
-    resp = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"events": 3})
+    resp = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": 3})
     assert resp.status_code == 201, resp.text
     body = resp.json()
     assert body["app"] == "tests" and body["model"] == "ScriptedTask"
@@ -150,11 +150,11 @@ def test_create_status_and_field_errors_over_http(server):
     status = httpx.get(f"{server.url}/tasks/tests/ScriptedTask/{body['id']}").json()
     assert status["status"] == "completed" and status["last_seq"] == 4
     bad = httpx.post(server.url + "/tasks/tests/ScriptedTask",
-                     json={"events": "many", "nope": 1})
+                     json={"ticks": "many", "nope": 1})
     assert bad.status_code == 400
     assert set(bad.json()["errors"]) == {"nope"}
-    bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"events": -3})
-    assert bad.status_code == 400 and "events" in bad.json()["errors"]
+    bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": -3})
+    assert bad.status_code == 400 and "ticks" in bad.json()["errors"]
     assert httpx.post(server.url + "/tasks/tests/ScriptedTask", content=b"[1]").status_code == 400
     assert httpx.post(server.url + "/tasks/tests/ScriptedTask", content=b"{").status_code == 400
     # Models that did not opt in cannot be created over HTTP.
@@ -162,7 +162,7 @@ def test_create_status_and_field_errors_over_http(server):
 
 
 def test_the_python_client_streams_and_resumes(server):
-    task = ScriptedTask.objects.create(events=12, delay=0.01)
+    task = ScriptedTask.objects.create(ticks=12, delay=0.01)
     sc = stream_client.StreamingClient(server.url)
     try:
         events = list(sc.stream("tests", "ScriptedTask", task.pk))
@@ -176,7 +176,7 @@ def test_the_python_client_streams_and_resumes(server):
 
 
 def test_cancel_over_http_ends_the_stream_with_cancelled_then_end(server):
-    task = ScriptedTask.objects.create(events=1000, delay=0.05)
+    task = ScriptedTask.objects.create(ticks=1000, delay=0.05)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     read_stream(url, max_events=2)
     resp = httpx.post(f"{server.url}/tasks/tests/ScriptedTask/{task.pk}/cancel")

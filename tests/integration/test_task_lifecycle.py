@@ -41,7 +41,7 @@ async def test_example_task_emits_the_seeds_five_events_then_end(rt):
 
 
 async def test_all_three_start_task_forms_and_idempotence(rt):
-    tasks = [await ScriptedTask.objects.acreate(events=1) for _ in range(3)]
+    tasks = [await ScriptedTask.objects.acreate(ticks=1) for _ in range(3)]
     await coordinator.start_task(tasks[0], "tests", "ScriptedTask")
     await coordinator.start_task(tasks[1], "ScriptedTask")
     await coordinator.start_task(tasks[2])
@@ -57,7 +57,7 @@ async def test_all_three_start_task_forms_and_idempotence(rt):
 
 
 async def test_is_task_running_from_start_to_finish_and_completed_at(rt):
-    task = await ScriptedTask.objects.acreate(events=3, delay=0.05)
+    task = await ScriptedTask.objects.acreate(ticks=3, delay=0.05)
     assert not coordinator.is_task_running("tests", "ScriptedTask", task.pk)
     await coordinator.start_task(task)
     assert coordinator.is_task_running("tests", "ScriptedTask", task.pk)
@@ -70,7 +70,7 @@ async def test_is_task_running_from_start_to_finish_and_completed_at(rt):
 
 
 async def test_two_subscribers_get_identical_events(rt):
-    task = await ScriptedTask.objects.acreate(events=20, delay=0.005)
+    task = await ScriptedTask.objects.acreate(ticks=20, delay=0.005)
     q1: asyncio.Queue = asyncio.Queue()
     q2: asyncio.Queue = asyncio.Queue()
     await task.add_client(q1)
@@ -84,7 +84,7 @@ async def test_two_subscribers_get_identical_events(rt):
 
 
 async def test_a_subscriber_that_never_reads_blocks_nobody(rt):
-    task = await ScriptedTask.objects.acreate(events=50)
+    task = await ScriptedTask.objects.acreate(ticks=50)
     idle: asyncio.Queue = asyncio.Queue(maxsize=1)  # full after one item, never read
     busy: asyncio.Queue = asyncio.Queue()
     await task.add_client(idle)
@@ -97,7 +97,7 @@ async def test_a_subscriber_that_never_reads_blocks_nobody(rt):
 
 
 async def test_a_late_subscriber_gets_the_latest_event_first(rt):
-    task = await ScriptedTask.objects.acreate(events=4)
+    task = await ScriptedTask.objects.acreate(ticks=4)
     await coordinator.start_task(task)
     await wait_for_status(rt, task)
     late: asyncio.Queue = asyncio.Queue()
@@ -120,7 +120,7 @@ async def test_the_task_completes_after_every_client_disconnects(rt):
 
 
 async def test_large_event_data_arrives_intact(rt):
-    task = await ScriptedTask.objects.acreate(events=2, payload_size=50_000)
+    task = await ScriptedTask.objects.acreate(ticks=2, payload_size=50_000)
     q: asyncio.Queue = asyncio.Queue()
     await task.add_client(q)
     await coordinator.start_task(task)
@@ -130,7 +130,7 @@ async def test_large_event_data_arrives_intact(rt):
 
 
 async def test_process_exception_gives_error_then_end_and_failed(rt):
-    task = await ScriptedTask.objects.acreate(events=5, fail_at=3)
+    task = await ScriptedTask.objects.acreate(ticks=5, fail_at=3)
     await coordinator.start_task(task)
     assert await wait_for_status(rt, task) == "failed"
     history = await task.aevents()
@@ -180,7 +180,7 @@ async def test_a_sync_generator_does_not_block_the_event_loop(rt):
 
 
 async def test_bad_events_raise_before_anything_is_written(rt):
-    task = await ScriptedTask.objects.acreate(events=0)
+    task = await ScriptedTask.objects.acreate(ticks=0)
     with pytest.raises(TaskNotStarted):
         await task.send_event("tick", {"a": 1})
     bad = [("bad type!", {}), ("", {}), ("x" * 65, {}), (None, {})]
@@ -198,7 +198,7 @@ async def test_bad_events_raise_before_anything_is_written(rt):
 
 
 async def test_a_stale_attempt_writes_nothing_and_reaches_no_client(rt):
-    task = await ScriptedTask.objects.acreate(events=0)
+    task = await ScriptedTask.objects.acreate(ticks=0)
     key = registry.key_of(task)
     run_id, _ = await coordinator.enqueue_key(ScriptedTask, key)
     assert await rt.worker.claim(run_id) or True
@@ -218,7 +218,7 @@ async def test_a_stale_attempt_writes_nothing_and_reaches_no_client(rt):
 
 
 async def test_seq_is_gap_free_per_task_under_concurrency(rt):
-    tasks = [await ScriptedTask.objects.acreate(events=40) for _ in range(8)]
+    tasks = [await ScriptedTask.objects.acreate(ticks=40) for _ in range(8)]
     for t in tasks:
         await coordinator.start_task(t)
     for t in tasks:
@@ -231,7 +231,7 @@ async def test_seq_is_gap_free_per_task_under_concurrency(rt):
 
 
 async def test_get_task_instance_starts_a_never_started_task(rt):
-    task = await ScriptedTask.objects.acreate(events=1)
+    task = await ScriptedTask.objects.acreate(ticks=1)
     got = await coordinator.get_task_instance("tests", "ScriptedTask", task.pk)
     assert got is not None and got.pk == task.pk
     assert await wait_for_status(rt, task) == "completed"
@@ -240,7 +240,7 @@ async def test_get_task_instance_starts_a_never_started_task(rt):
 
 
 async def test_history_view_joins_status(rt):
-    task = await ScriptedTask.objects.acreate(events=2)
+    task = await ScriptedTask.objects.acreate(ticks=2)
     await coordinator.start_task(task)
     await wait_for_status(rt, task)
     rows = sql(
