@@ -24,7 +24,6 @@ class StreamingSettings:
     LISTEN_HEALTH_INTERVAL: float = 2.0
     HUB_POLL_INTERVAL: float = 5.0
     SUBSCRIBER_BUFFER: int = 1024
-    MAX_LAG_EVENTS: int = 100_000
     GROUP_COMMIT_MAX_BATCH: int = 512
     NOTIFY_DELAY: float = 0.002
     CHANNEL: str = "streaming"

@@ -176,5 +176,5 @@ def sql(query: str, *params: Any) -> list[tuple[Any, ...]]:
     import psycopg
 
     with psycopg.connect(database_url_from_settings(), autocommit=True) as conn:
-        cur = conn.execute(query.encode(), params)
+        cur = conn.execute(query.encode(), params or None)
         return list(cur.fetchall()) if cur.description else []

@@ -1,0 +1,70 @@
+"""Event validation and wire formats, without a database."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from streaming import events
+from streaming.events import TaskKey
+from streaming.exceptions import InvalidEventData, InvalidEventType, StreamingError
+
+KEY = TaskKey("tests", "ExampleTask", 42)
+WHEN = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("event_type", ["progress", "a", "x" * 64, "step.done", "a:b-c_d"])
+def test_valid_event_types(event_type):
+    assert json.loads(events.validate(event_type, {"k": 1})) == {"k": 1}
+
+
+@pytest.mark.parametrize("event_type", ["", "x" * 65, "has space", "new\nline", "é", 5, None])
+def test_invalid_event_types_raise_value_errors(event_type):
+    with pytest.raises(InvalidEventType) as info:
+        events.validate(event_type, {})
+    assert isinstance(info.value, ValueError) and isinstance(info.value, StreamingError)
+
+
+@pytest.mark.parametrize("data", [[1], "s", None, 3, {"x": {1, 2}}, {"x": float("inf")},
+                                  {"x": "\x00"}])
+def test_invalid_data_raises_type_errors(data):
+    with pytest.raises(InvalidEventData) as info:
+        events.validate("ok", data)
+    assert isinstance(info.value, TypeError)
+
+
+def test_large_data_is_accepted():
+    text = events.validate("big", {"pad": "y" * 100_000})
+    assert len(text) > 100_000
+
+
+def test_frame_has_id_event_and_merged_metadata():
+    ev = events.build(KEY, 7, "progress", '{"step": 1}', WHEN, 1)
+    text = ev.frame.decode()
+    assert text.startswith("id: 7\nevent: progress\ndata: {")
+    assert text.endswith("}\n\n")
+    assert text.count("\n") == 4
+    payload = ev.payload()
+    assert payload == {"step": 1, "_task_id": 42, "_app": "tests", "_model": "ExampleTask",
+                       "_timestamp": "2026-01-02T03:04:05.678000Z", "_seq": 7}
+
+
+def test_empty_data_gets_metadata_only():
+    ev = events.build(KEY, 1, "start", "{}", WHEN, 1)
+    assert ev.payload()["_seq"] == 1 and len(ev.payload()) == 5
+
+
+def test_message_is_the_seed_queue_item():
+    ev = events.build(KEY, 3, "end", '{"status": "completed"}', WHEN, 2)
+    msg = ev.as_message()
+    assert set(msg) == {"type", "data", "timestamp", "seq"}
+    assert msg["type"] == "end" and msg["seq"] == 3 and ev.is_terminal
+    assert msg["data"]["status"] == "completed"
+
+
+def test_names_needing_json_escapes_stay_valid_json():
+    key = TaskKey('we"ird', "M\\odel", 1)
+    ev = events.build(key, 1, "x", '{"a": "b"}', WHEN, 1)
+    assert ev.payload()["_app"] == 'we"ird' and ev.payload()["_model"] == "M\\odel"
