@@ -44,8 +44,10 @@ class TaskCoordinator:
         _check_names(key, app_name, model_name)
         rt = await runtime.current()
         run_id, status = await self._enqueue(rt, type(task), key)
-        if run_here and status == "pending":
-            rt.spawn(self._claim_soon(rt, run_id))
+        if status == "pending":
+            await rt.notifier.flush()  # wake workers now: this loop may end on return
+            if run_here:
+                rt.spawn(self._claim_soon(rt, run_id))
 
     async def enqueue(self, task: StreamTask) -> int:
         """Queue ``task`` for any worker without running it here; returns its run id."""
