@@ -408,14 +408,9 @@ def cluster_dir(
         return local
     target = relocated / _digest(str(data_dir.resolve()))
     log.warning(
-        "%s cannot enter %s, so the cluster for %s lives in %s; to keep it in the project, "
-        "run `chmod o+x %s` (and move %s out of the way)",
-        account.name,
-        blocked,
-        data_dir,
-        target,
-        blocked,
-        target,
+        "%s cannot enter %s, so the Postgres data for %s lives in %s (to keep it in the "
+        "project instead, run `chmod o+x %s`; the data kept so far then stays behind)",
+        *(account.name, blocked, data_dir, target, blocked),
     )
     relocated.mkdir(mode=0o755, parents=True, exist_ok=True)
     return target
@@ -454,13 +449,24 @@ def probe(port: int, database: str, *, host: str = HOST, timeout: float = 1.0) -
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.sendall(startup)
-            kind, body = _read_message(sock)
-            if kind == b"R" and body[:4] == bytes(4):
+            kind, body = _read_until_settled(sock)
+            if kind == b"Z":
                 sock.sendall(_TERMINATE)
-                return "ready"
     except OSError:
         return "down"
+    if kind == b"Z":
+        return "ready"
     return _ERROR_PROBES.get(_sqlstate(body), "down") if kind == b"E" else "down"
+
+
+def _read_until_settled(sock: socket.socket) -> tuple[bytes, bytes]:
+    """Read the replies to a startup message up to ReadyForQuery, an error or a password request
+    (trust auth says AuthenticationOk *before* it checks that the database exists)."""
+    for _ in range(100):
+        kind, body = _read_message(sock)
+        if kind in (b"Z", b"E") or (kind == b"R" and body[:4] != bytes(4)):
+            return kind, body
+    raise ConnectionError("no ReadyForQuery from the server")
 
 
 def _read_message(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -866,6 +872,10 @@ def _spawn_supervisor(data_dir: Path) -> int:
     if "port" not in status:
         reason = status.get("error", "the supervisor exited without starting the server")
         raise EmbeddedPostgresError(f"{reason}\n(the end of {log_path}:)\n{_tail(log_path)}")
+    if not Path(status["cluster"]).is_relative_to(data_dir):
+        log.warning(
+            "the Postgres data for %s lives in %s; see %s", data_dir, status["cluster"], log_path
+        )
     return int(status["port"])
 
 
@@ -1083,7 +1093,7 @@ def supervise(data_dir: Path, status_fd: int | None) -> int:
         log.exception("could not start the shared server")
         _report(status_fd, {"error": str(exc)})
         return 1
-    _report(status_fd, {"port": supervisor.port})
+    _report(status_fd, {"port": supervisor.port, "cluster": str(supervisor.cluster)})
     try:
         supervisor.serve()
     except Exception:

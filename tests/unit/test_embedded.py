@@ -249,7 +249,8 @@ def _message(kind: bytes, body: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("reply", "expected"),
     [
-        (_message(b"R", bytes(4)), "ready"),
+        (_message(b"R", bytes(4)) + _message(b"K", bytes(8)) + _message(b"Z", b"I"), "ready"),
+        (_message(b"R", bytes(4)) + _message(b"E", b"SFATAL\0C3D000\0\0"), "no-database"),
         (_message(b"E", b"SFATAL\0C57P03\0Mthe database system is starting up\0\0"), "starting"),
         (_message(b"E", b"SFATAL\0C3D000\0Mdatabase does not exist\0\0"), "no-database"),
         (_message(b"E", b"SFATAL\0C28000\0Mno pg_hba.conf entry\0\0"), "down"),
