@@ -8,12 +8,13 @@ import json
 import logging
 import re
 from typing import Any
+from urllib.parse import quote
 
 import asgineer
 from asgiref.sync import sync_to_async
 from django.core.exceptions import FieldDoesNotExist, ValidationError
 
-from streaming import events, registry, runtime
+from streaming import events, page, registry, runtime
 from streaming.coordinator import coordinator
 from streaming.events import FINISHED, TaskKey
 from streaming.exceptions import UnknownTaskModel
@@ -72,6 +73,8 @@ class StreamServer:
             return await self.stream(request, app, parts[-2], parts[-1])
         if parts[:1] == ["tasks"]:
             return await self._route_tasks(request, parts[1:], method)
+        if parts[:1] == ["watch"] and len(parts) in (3, 4) and method == "GET":
+            return await self.watch(request, parts[1] if len(parts) == 4 else None, *parts[-2:])
         return NOT_FOUND
 
     async def _route_tasks(self, request: asgineer.HttpRequest, rest: list[str],
@@ -158,6 +161,25 @@ class StreamServer:
             watcher.cancel()
             self.streams.discard(sub)
             rt.hub.unsubscribe(sub)
+
+    async def watch(self, request: asgineer.HttpRequest, app: str | None, model_name: str,
+                    raw_id: str) -> Any:
+        """An HTML page that follows the task's stream with EventSource."""
+        found = await self._visible(request, app, model_name, raw_id)
+        if found is None:
+            return NOT_FOUND
+        _, key = found
+        rt = await runtime.current()
+        rows = await rt.db.fetchall("event_types", {"app_label": key.app_label,
+                                                    "model_name": key.model_name,
+                                                    "task_id": key.task_id})
+        wanted = [t for t in request.querydict.get("types", "").split(",")
+                  if events.EVENT_TYPE_RE.fullmatch(t)]
+        stream_url = f"/stream/{key.path}"
+        if request.querydict.get("token"):
+            stream_url += "?token=" + quote(request.querydict["token"], safe="")
+        body = page.render(key, stream_url, tuple(r[0] for r in rows) + tuple(wanted))
+        return 200, {"content-type": "text/html; charset=utf-8"}, body
 
     async def status(self, request: asgineer.HttpRequest, app: str, model_name: str,
                      raw_id: str) -> Any:

@@ -76,8 +76,14 @@ SELECT seq, event_type, data::text, created_at, attempt
  ORDER BY seq DESC
  LIMIT 1;
 
+-- event_types --
+SELECT DISTINCT event_type FROM streaming_taskevent
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
+
 -- notify --
-SELECT pg_notify(%(channel)s, %(payload)s);
+-- Sent after the rows it announces were committed durably, so its own commit need not wait
+-- for a WAL flush: a NOTIFY lost to a crash costs latency only (listeners poll the log).
+SELECT pg_notify(%(channel)s, %(payload)s), set_config('synchronous_commit', 'off', true);
 
 -- old_runs --
 SELECT id, app_label, model_name, task_id, db_table, pk_column
