@@ -88,7 +88,7 @@ SELECT pg_notify(%(channel)s, %(payload)s), set_config('synchronous_commit', 'of
 -- old_runs --
 SELECT id, app_label, model_name, task_id, db_table, pk_column
   FROM streaming_taskrun
- WHERE finished_at < now() - make_interval(hours => %(hours)s);
+ WHERE finished_at < now() - make_interval(secs => %(hours)s * 3600);
 
 -- delete_events --
 DELETE FROM streaming_taskevent
