@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from streaming import embedded
-from streaming.embedded import Account, EmbeddedPostgresError
+from streaming.embedded import Account, EmbeddedPostgresError, binaries, process
 from tests import pgplugin
 
 STRANGER = Account("stranger", uid=54321, gid=54321)
@@ -103,9 +103,9 @@ def test_find_bindir_prefers_the_wheel() -> None:
 def test_find_bindir_falls_back_to_the_newest_complete_system_install(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(embedded, "_wheel_bindir", lambda: None)
-    monkeypatch.setattr(embedded, "_pg_config_bindir", lambda: None)
-    monkeypatch.setattr(embedded, "SYSTEM_ROOT", tmp_path)
+    monkeypatch.setattr(binaries, "_wheel_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_pg_config_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "SYSTEM_ROOT", tmp_path)
     _fake_install(tmp_path, "9.6")
     expected = _fake_install(tmp_path, "15")
     _fake_install(tmp_path, "16", initdb=False)  # a client-only install
@@ -117,18 +117,18 @@ def test_find_bindir_prefers_pg_config_to_the_glob(
 ) -> None:
     chosen = _fake_install(tmp_path, "14")
     _fake_install(tmp_path, "17")
-    monkeypatch.setattr(embedded, "_wheel_bindir", lambda: None)
-    monkeypatch.setattr(embedded, "_pg_config_bindir", lambda: chosen)
-    monkeypatch.setattr(embedded, "SYSTEM_ROOT", tmp_path)
+    monkeypatch.setattr(binaries, "_wheel_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "_pg_config_bindir", lambda: chosen)
+    monkeypatch.setattr(binaries, "SYSTEM_ROOT", tmp_path)
     assert embedded.find_bindir() == chosen.resolve()
 
 
 def test_find_bindir_explains_what_to_do_when_nothing_is_found(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(embedded, "_wheel_bindir", lambda: tmp_path / "missing")
-    monkeypatch.setattr(embedded, "_pg_config_bindir", lambda: None)
-    monkeypatch.setattr(embedded, "SYSTEM_ROOT", tmp_path)
+    monkeypatch.setattr(binaries, "_wheel_bindir", lambda: tmp_path / "missing")
+    monkeypatch.setattr(binaries, "_pg_config_bindir", lambda: None)
+    monkeypatch.setattr(binaries, "SYSTEM_ROOT", tmp_path)
     with pytest.raises(EmbeddedPostgresError, match="DATABASE_URL"):
         embedded.find_bindir()
 
@@ -204,12 +204,12 @@ def test_postmaster_ready_needs_our_pid_and_the_ready_status(tmp_path: Path) -> 
     pid_file = tmp_path / "postmaster.pid"
     lines = ["4242", str(tmp_path), "0", "5432", "", "127.0.0.1", "1 2", "starting"]
     pid_file.write_text("\n".join(lines) + "\n")
-    assert not embedded._postmaster_ready(tmp_path, 4242)
+    assert not process._postmaster_ready(tmp_path, 4242)
     lines[7] = "ready   "
     pid_file.write_text("\n".join(lines) + "\n")
-    assert embedded._postmaster_ready(tmp_path, 4242)
-    assert not embedded._postmaster_ready(tmp_path, 4243)
-    assert not embedded._postmaster_ready(tmp_path / "missing", 4242)
+    assert process._postmaster_ready(tmp_path, 4242)
+    assert not process._postmaster_ready(tmp_path, 4243)
+    assert not process._postmaster_ready(tmp_path / "missing", 4242)
 
 
 def test_read_state_tolerates_missing_and_broken_files(tmp_path: Path) -> None:
