@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from streaming.exceptions import DatabaseUnavailable
 logger = logging.getLogger(__name__)
 
 Params = Mapping[str, Any]
+LISTENER_APP_NAME = "streaming-listener"  # + ":<pid>" in pg_stat_activity.application_name
 Row = tuple[Any, ...]
 
 
@@ -135,8 +137,11 @@ class Listener:
 
     async def connect(self, timeout: float = 5.0) -> None:
         async with translated_errors():
+            # application_name lets operators (and the fault tests) find this process's
+            # LISTEN connection in pg_stat_activity, e.g. to pg_terminate_backend it.
             conn = await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)))
+                self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)),
+                application_name=f"{LISTENER_APP_NAME}:{os.getpid()}")
             listen = psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel))
             await conn.execute(listen)
         self._conn = conn

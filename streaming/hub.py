@@ -172,8 +172,13 @@ class Hub:
                 topic.fetching.cancel()
 
     def caught_up(self, topic: _Topic, seq: int) -> None:
-        if topic.fetching is None or topic.fetching.done():
-            topic.fetched = max(topic.fetched, seq)
+        if (topic.fetching is None or topic.fetching.done()) and seq > topic.fetched:
+            topic.fetched = seq
+            # A notification for rows up to ``seq`` now counts as fetched and hands nothing
+            # to the other subscribers: tell them the rows exist, or one that was waiting
+            # would miss them (and hang, if the last of them was the task's end).
+            for sub in topic.subs:
+                sub.poke(seq)
 
     def committed(self, run_id: int, seq: int) -> None:
         """Rows up to ``seq`` are committed for this run (a local append or a NOTIFY)."""
@@ -226,7 +231,11 @@ class Hub:
                     async for payload in self.listener.payloads(self.health_interval):
                         self._dispatch(payload)
                     await self.listener.ping(self.health_interval)
-            except DatabaseUnavailable as exc:
+            except Exception as exc:
+                # DatabaseUnavailable is the expected way out; anything else is logged, but
+                # must not end the loop either: this process would stop following for good.
+                if not isinstance(exc, DatabaseUnavailable):
+                    logger.exception("LISTEN loop failed; reconnecting")
                 if self.listening:
                     self.reconnects += 1
                     logger.warning("LISTEN connection lost (%s); reconnecting", exc)
@@ -242,6 +251,8 @@ class Hub:
                 await self.poll_once()
             except DatabaseUnavailable:
                 logger.debug("log poll failed; the database is unreachable")
+            except Exception:  # loop boundary: the poll is the fallback for lost NOTIFYs
+                logger.exception("log poll failed")
 
     async def poll_once(self) -> None:
         """Read each subscribed run's last seq and fetch what was not announced."""

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+from asgiref.sync import sync_to_async
 
 from streaming import runtime
 from streaming.server import StreamServer, build_app
+from streaming.worker import discard_broken_django_connections
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class Process:
             loop.add_signal_handler(sig, self._on_signal, sig)
         rt = await runtime.current()
         await rt.hub.wait_listening()
-        if self.options.worker:
+        if self.options.worker and not self._stop.is_set():  # no claims after a signal
             rt.worker.start()
         serving = loop.create_task(self._serve()) if self.options.http else None
         logger.info("ready: %s", self._describe())
@@ -60,13 +62,18 @@ class Process:
 
     async def _serve(self) -> None:
         o = self.options
+        app = _with_usable_connections(build_app(self.stream_server))
         config = uvicorn.Config(
-            build_app(self.stream_server), host=o.host or "127.0.0.1", port=o.port or 8888,
+            app, host=o.host or "127.0.0.1", port=o.port or 8888,
             uds=o.socket, lifespan="off", log_level=o.log_level, access_log=False,
             timeout_graceful_shutdown=2, loop="none", http="auto",
         )
         self.uvicorn = _QuietServer(config)
         await self.uvicorn.serve()
+
+    def _stop_accepting(self) -> None:
+        for server in getattr(self.uvicorn, "servers", []):
+            server.close()  # uvicorn's own shutdown closes them again: harmless
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -77,15 +84,40 @@ class Process:
         self._stop.set()
 
     async def _shutdown(self, rt: runtime.Runtime, serving: asyncio.Task[Any] | None) -> None:
-        # Streams first, so clients reconnect to another host while tasks wind down.
+        # Refuse new connections first, so that reconnecting clients (and a proxy's retries)
+        # go to another host instead of opening a stream here that shutdown would cut; then
+        # end the open streams, so their clients reconnect elsewhere while tasks wind down.
+        self._stop_accepting()
         self.stream_server.close_streams()
         await rt.worker.shutdown(self.options.grace)
+        # A request accepted just before we stopped listening may have become a stream
+        # since: end it cleanly too, rather than let uvicorn cancel it mid-response.
+        self.stream_server.close_streams()
         if self.uvicorn is not None:
             self.uvicorn.should_exit = True
         if serving is not None:
             await serving
         await runtime.shutdown()
         logger.info("stopped")
+
+
+_NO_ORM_PATHS = frozenset({"/health", "/metrics"})
+
+
+def _with_usable_connections(app: Any) -> Any:
+    """The ASGI app, with Django's connections checked before each request that may use them.
+
+    What Django's own handler does at request start (see
+    ``worker.discard_broken_django_connections``): after a database restart the first
+    lookup would otherwise fail with a 500, and so would every later one, for good.
+    """
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in _NO_ORM_PATHS:
+            await sync_to_async(discard_broken_django_connections)()
+        await app(scope, receive, send)
+
+    return wrapped
 
 
 class _QuietServer(uvicorn.Server):

@@ -12,6 +12,10 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ObjectDoesNotExist
+from django.db import connections
+
 from streaming import registry
 from streaming.events import TaskKey
 from streaming.exceptions import DatabaseUnavailable, LeaseLost, UnknownTaskModel
@@ -43,6 +47,24 @@ def make_owner() -> str:
 def error_info(exc: BaseException) -> dict[str, str]:
     """The seed's error event payload for an exception."""
     return {"message": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
+
+
+def discard_broken_django_connections() -> None:
+    """Close this thread's Django connections that no longer answer (the server restarted).
+
+    Django checks its connections when each of its own requests starts; our task runs and
+    HTTP handlers are not Django requests, so without this one database restart would
+    leave the ORM's connection broken for good: every later task load, every ORM call in
+    ``process()`` and every stream lookup would fail. Call it in the ORM's thread.
+    """
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and not conn.is_usable():
+            conn.close()
+
+
+def _load_instance(model: type[StreamTask], task_id: int) -> StreamTask:
+    discard_broken_django_connections()
+    return model._default_manager.get(pk=task_id)
 
 
 class Worker:
@@ -84,6 +106,11 @@ class Worker:
             except DatabaseUnavailable:
                 logger.warning("claiming failed: database unavailable; retrying")
                 await asyncio.sleep(1.0)
+            except Exception:
+                # Loop boundary: anything else (an SQL error in the claim, say) must not end
+                # the loop, or this process would silently never claim again.
+                logger.exception("claiming failed; retrying")
+                await asyncio.sleep(1.0)
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.cfg.WORKER_POLL_INTERVAL)
@@ -103,6 +130,11 @@ class Worker:
             self.counters["reclaimed"] += 1
             self.rt.committed(rid, last_seq)
         logger.info("claimed task %s (run %s, attempt %s)", ctx.key.path, rid, attempt)
+        stale = self.running.get(rid)
+        if stale is not None:
+            # This process retook its own run (its lease expired while the heartbeat was
+            # late): the older attempt is fenced off in SQL; stop it here too.
+            self._stop(stale, "lease_lost")
         self.running[rid] = ctx
         self._ensure_loops()
         ctx.task = asyncio.get_running_loop().create_task(self._execute(ctx, cancel_req))
@@ -120,14 +152,18 @@ class Worker:
         except Exception:
             logger.exception("task %s: worker error", ctx.key.path)
         finally:
-            self.running.pop(ctx.run_id, None)
+            # Only our own entry: a newer attempt of the same run may have replaced it.
+            if self.running.get(ctx.run_id) is ctx:
+                del self.running[ctx.run_id]
             self.wake()
 
     async def _load(self, ctx: RunContext) -> StreamTask | None:
         try:
             model = registry.resolve(ctx.key.app_label, ctx.key.model_name)
-            instance = await model._default_manager.aget(pk=ctx.key.task_id)
-        except (UnknownTaskModel, LookupError) as exc:
+            instance = await sync_to_async(_load_instance)(model, ctx.key.task_id)
+        except (UnknownTaskModel, LookupError, ObjectDoesNotExist) as exc:
+            # ObjectDoesNotExist: the task's row was deleted; fail now rather than leave
+            # the run to expire and be retried until its attempts are used up.
             await self._finish(ctx, "failed", None, error_info(exc))
             return None
         instance._stream_run = ctx  # type: ignore[attr-defined]
@@ -205,7 +241,11 @@ class Worker:
     def stop_local(self, run_id: int, reason: str) -> bool:
         """Cancel the process() of a run held here; False when it is not held here."""
         ctx = self.running.get(run_id)
-        if ctx is None or ctx.task is None or ctx.finished:
+        return ctx is not None and self._stop(ctx, reason)
+
+    @staticmethod
+    def _stop(ctx: RunContext, reason: str) -> bool:
+        if ctx.task is None or ctx.finished:
             return False
         ctx.stop_reason = ctx.stop_reason or reason
         ctx.task.cancel()
@@ -216,7 +256,11 @@ class Worker:
             await asyncio.sleep(self.cfg.HEARTBEAT_INTERVAL)
             try:
                 await self.heartbeat()
-            except DatabaseUnavailable:
+            except Exception as exc:
+                # Loop boundary: a dead heartbeat loop would let every lease here expire
+                # while the tasks go on running (fenced off, their work lost).
+                if not isinstance(exc, DatabaseUnavailable):
+                    logger.exception("heartbeat failed")
                 if time.monotonic() - self._last_renewal > self.cfg.LEASE_TTL:
                     for run_id in list(self.running):
                         self.stop_local(run_id, "lease_lost")
