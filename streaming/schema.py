@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "migrations_sql"
+# streaming/ddl is a symlink to the repository's migrations_sql/, so that the DDL files
+# ship inside the package (wheels, non-editable installs) and are found from either.
+SQL_DIR = Path(__file__).parent / "ddl"
 _NAME = re.compile(r"\d{4}_[a-z0-9_]+\.sql")
 
 
