@@ -1,10 +1,19 @@
-"""Reading the event log: rows to Event values, one page at a time."""
+"""Reading the event log: rows to Event values, one page at a time, recent local rows first."""
 
 from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import islice
 
 from streaming import events
 from streaming.db import Database, Row
 from streaming.events import Event, TaskKey
+from streaming.exceptions import DatabaseUnavailable
 
 PAGE = 1000
 
@@ -16,11 +25,24 @@ def to_event(key: TaskKey, row: Row) -> Event:
 
 async def read(db: Database, key: TaskKey, after: int, limit: int = PAGE) -> list[Event]:
     """Events of one task with seq > ``after``, in seq order, at most ``limit``."""
-    rows = await db.fetchall("read_events", {
+    cached = recent(db).read(key, after, limit)
+    if cached is not None:
+        return cached
+    ahead = read_ahead(db)
+    page = await ahead.take(key, after, limit)
+    if page is None:
+        page = await _fetch(db, key, after, limit)
+    if len(page) == limit:
+        ahead.start(key, page[-1].seq, limit)
+    return page
+
+
+async def _fetch(db: Database, key: TaskKey, after: int, limit: int) -> list[Event]:
+    rows = await db.fetchall("read_frames", {
         "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id,
-        "after": after, "limit": limit,
+        "after": after, "limit": limit, "meta": events.meta_prefix(key),
     })
-    return [to_event(key, row) for row in rows]
+    return [Event(seq, event_type, frame.encode()) for seq, event_type, frame in rows]
 
 
 async def read_last(db: Database, key: TaskKey) -> Event | None:
@@ -28,3 +50,172 @@ async def read_last(db: Database, key: TaskKey) -> Event | None:
         "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id,
     })
     return to_event(key, row) if row else None
+
+
+@dataclass
+class _Window:
+    """The last rows this process appended to one task, contiguous in seq."""
+
+    run_id: int
+    rows: deque[Row] = field(default_factory=deque)
+    size: int = 0
+    stamp: float = 0.0
+    known: int = 0  # the last seq this process knows was committed for the run
+
+    @property
+    def last(self) -> int:
+        return int(self.rows[-1][0]) if self.rows else 0
+
+
+class Recent:
+    """Rows this process committed in the last moments, so its own readers skip a query.
+
+    The appender records each committed row; the hub's read right after that commit (the
+    common case: a task and its SSE clients share a process) is then served from memory.
+    A read is answered here only when the whole answer is here: the window holds seq
+    ``after + 1`` and reaches the last seq this process knows was committed for the run
+    (``committed`` hears of every local commit, terminal events included), and it was
+    written to less than ``max_age`` ago, far less than a lease, so rows that another process
+    could add after taking the run over cannot be hidden. Anything else reads the table.
+    """
+
+    def __init__(self, per_task: int = 256, max_bytes: int = 8 << 20,
+                 max_age: float = 2.0) -> None:
+        self.per_task = per_task
+        self.max_bytes = max_bytes
+        self.max_age = max_age
+        self.hits = 0
+        self._windows: OrderedDict[TaskKey, _Window] = OrderedDict()
+        self._keys: dict[int, TaskKey] = {}  # run id -> its window's key
+        self._bytes = 0
+
+    def add(self, run_id: int, key: TaskKey, seq: int, event_type: str, data_json: str,
+            created_at: datetime, attempt: int) -> None:
+        """A row this process just committed (before the commit is announced)."""
+        window = self._windows.get(key)
+        if window is None or window.run_id != run_id or seq != window.last + 1:
+            self._drop(key)
+            window = self._windows[key] = _Window(run_id)
+            self._keys[run_id] = key
+        else:
+            self._windows.move_to_end(key)
+        window.rows.append((seq, event_type, data_json, created_at, attempt))
+        window.stamp = time.monotonic()
+        window.known = max(window.known, seq)
+        cost = len(data_json) + _ROW_COST
+        window.size += cost
+        self._bytes += cost
+        while len(window.rows) > self.per_task:
+            dropped = window.rows.popleft()
+            window.size -= len(dropped[2]) + _ROW_COST
+            self._bytes -= len(dropped[2]) + _ROW_COST
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._windows)))
+
+    def committed(self, run_id: int, seq: int) -> None:
+        """Rows up to ``seq`` of the run were committed by this process, by any path."""
+        key = self._keys.get(run_id)
+        if key is not None:
+            window = self._windows[key]
+            window.known = max(window.known, seq)
+
+    def forget(self, run_id: int) -> None:
+        """The run left this process (released, or queued again): answer nothing for it."""
+        key = self._keys.get(run_id)
+        if key is not None:
+            self._drop(key)
+
+    def read(self, key: TaskKey, after: int, limit: int) -> list[Event] | None:
+        """The events after ``after`` if this window holds all that exist, else None."""
+        window = self._windows.get(key)
+        if window is None:
+            return None
+        first, last = int(window.rows[0][0]), window.last
+        if not first <= after + 1 <= last or window.known != last:
+            return None
+        if time.monotonic() - window.stamp > self.max_age:
+            return None
+        self.hits += 1
+        start = after + 1 - first
+        return [to_event(key, row) for row in islice(window.rows, start, start + limit)]
+
+    def _drop(self, key: TaskKey) -> None:
+        window = self._windows.pop(key, None)
+        if window is not None:
+            self._bytes -= window.size
+            self._keys.pop(window.run_id, None)
+
+
+_ROW_COST = 200  # bytes a cached row costs besides its data text, roughly
+
+
+class ReadAhead:
+    """The next page of a long read, fetched while the reader sends the page it has.
+
+    A reader that got a full page will ask for the next one: fetching it meanwhile, on another
+    pooled connection, overlaps the database's work with the reader's. Only a full page is
+    handed over, as it cannot change once its rows exist; a short one (the tail) is read again,
+    fresh, so that a reader never mistakes an older tail for the end of the log.
+    """
+
+    def __init__(self, db: Database, slots: int = 16, max_age: float = 5.0) -> None:
+        self.db = db
+        self.slots = slots
+        self.max_age = max_age
+        self.hits = 0
+        self._pages: OrderedDict[tuple[TaskKey, int, int], tuple[float, asyncio.Task[
+            list[Event]]]] = OrderedDict()
+
+    def start(self, key: TaskKey, after: int, limit: int) -> None:
+        slot = (key, after, limit)
+        if slot in self._pages:
+            return
+        task = asyncio.get_running_loop().create_task(_fetch(self.db, key, after, limit))
+        task.add_done_callback(_retrieve)
+        self._pages[slot] = (time.monotonic(), task)
+        while len(self._pages) > self.slots:
+            # Forgotten, not cancelled: a query cancelled midway costs its connection a reset.
+            self._pages.popitem(last=False)
+
+    async def take(self, key: TaskKey, after: int, limit: int) -> list[Event] | None:
+        """The page fetched ahead for exactly this read, if it is full; else None."""
+        entry = self._pages.pop((key, after, limit), None)
+        if entry is None:
+            return None
+        started, task = entry
+        if time.monotonic() - started > self.max_age:
+            return None
+        try:
+            page = await asyncio.shield(task)
+        except DatabaseUnavailable:
+            return None
+        if len(page) != limit:
+            return None
+        self.hits += 1
+        return page
+
+
+def _retrieve(task: asyncio.Task[list[Event]]) -> None:
+    # A page nobody came for: its error (the database went away meanwhile) is nobody's.
+    if not task.cancelled():
+        task.exception()
+
+
+_recent: weakref.WeakKeyDictionary[Database, Recent] = weakref.WeakKeyDictionary()
+_aheads: weakref.WeakKeyDictionary[Database, ReadAhead] = weakref.WeakKeyDictionary()
+
+
+def recent(db: Database) -> Recent:
+    """The recent rows committed through ``db`` (one pool per runtime, so per event loop)."""
+    memory = _recent.get(db)
+    if memory is None:
+        memory = _recent[db] = Recent()
+    return memory
+
+
+def read_ahead(db: Database) -> ReadAhead:
+    """The pages read ahead through ``db``."""
+    ahead = _aheads.get(db)
+    if ahead is None:
+        ahead = _aheads[db] = ReadAhead(db)
+    return ahead

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from streaming import log
 from streaming.db import Database
 from streaming.exceptions import DatabaseUnavailable
 
@@ -83,11 +84,13 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
 
     def events_committed(self, run_id: int, seq: int) -> None:
+        log.recent(self.db).committed(run_id, seq)
         if seq > self._events.get(run_id, 0):
             self._events[run_id] = seq
         self._schedule()
 
     def queued(self, run_id: int) -> None:
+        log.recent(self.db).forget(run_id)  # released or requeued: it may run elsewhere next
         self._queued.append(run_id)
         self._schedule()
 

@@ -8,7 +8,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from streaming import log
 from streaming.db import Database, retrying
+from streaming.events import TaskKey
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class Appender:
     Each caller awaits its own future, which resolves only after the shared commit, to the
     event's seq, or to None when the append was fenced off (the run is no longer its own).
     There is no artificial delay: a lone writer commits at once, and concurrent writers
-    batch up behind the commit in flight.
+    batch up behind the commit in flight (measured in BENCHMARKS.md).
     """
 
     def __init__(self, db: Database, on_commit: Callable[[int, int], None],
@@ -65,9 +67,13 @@ class Appender:
                     self.on_commit(item.run_id, seq)
                 if not fut.done():
                     fut.set_result(seq)
+            # One turn of the loop lets the writers just released append again, so that the
+            # next batch carries them all (not half of them), and a lone writer's next event
+            # finds this flusher still running.
+            await asyncio.sleep(0)
 
     async def _write(self, items: list[Append]) -> list[int | None]:
-        rows = await self.db.fetchall("append_many", {
+        rows = await self.db.fetchall("append_batch", {
             "run_ids": [i.run_id for i in items],
             "attempts": [i.attempt for i in items],
             "types": [i.event_type for i in items],
@@ -75,5 +81,14 @@ class Appender:
         })
         self.batches += 1
         self.appended += len(items)
-        by_ord = {ordinal: seq for ordinal, seq in rows}
-        return [by_ord.get(n + 1) for n in range(len(items))]
+        memory = log.recent(self.db)
+        seqs: list[int | None] = [None] * len(items)
+        for ordinal, seq, created_at, data_text, app_label, model_name, task_id in rows:
+            if seq is not None:
+                item = items[ordinal - 1]
+                seqs[ordinal - 1] = seq
+                # Before on_commit announces it: the hub's read of it is then served from
+                # memory, byte for byte the row (the data text is the jsonb's rendering).
+                memory.add(item.run_id, TaskKey(app_label, model_name, task_id), seq,
+                           item.event_type, data_text, created_at, item.attempt)
+        return seqs

@@ -36,8 +36,8 @@ UPDATE streaming_taskrun r
    AND r.lease_owner = %(owner)s
 RETURNING r.id, r.cancel_requested_at IS NOT NULL AS cancel_requested;
 
--- append_many --
-SELECT ord, seq FROM streaming_append_many(
+-- append_batch --
+SELECT ord, seq, created_at, data, app_label, model_name, task_id FROM streaming_append_batch(
     %(run_ids)s::bigint[], %(attempts)s::integer[], %(types)s::text[], %(datas)s::jsonb[]);
 
 -- finish --
@@ -68,6 +68,11 @@ SELECT seq, event_type, data::text, created_at, attempt
    AND seq > %(after)s
  ORDER BY seq
  LIMIT %(limit)s;
+
+-- read_frames --
+-- A page of events as ready SSE frames (see streaming_read_frames in migrations_sql/0002).
+SELECT seq, event_type, frame FROM streaming_read_frames(
+    %(app_label)s, %(model_name)s, %(task_id)s, %(after)s, %(limit)s, %(meta)s);
 
 -- read_last_event --
 SELECT seq, event_type, data::text, created_at, attempt

@@ -16,14 +16,21 @@ from tests.models import ScriptedTask
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path() -> str:
-    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which(
-        "chromium-browser")
+    path = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
     if not path:
         pytest.fail("the browser tests need Chromium: apt-get install chromium (see README)")
     return path
@@ -59,12 +66,15 @@ def wait_js(page: Any, expression: str, timeout: float = 30.0) -> Any:
         if value:
             return value
         time.sleep(0.05)
-    raise AssertionError(f"{expression} still false after {timeout}s: "
-                         f"{page.evaluate('JSON.stringify(window.__streaming)')}")
+    raise AssertionError(
+        f"{expression} still false after {timeout}s: "
+        f"{page.evaluate('JSON.stringify(window.__streaming)')}"
+    )
 
 
 def test_the_watch_page_resumes_after_its_server_is_killed(
-        live_db: str, tmp_path: Path, open_page: Callable[[str], Any]) -> None:
+    live_db: str, tmp_path: Path, open_page: Callable[[str], Any]
+) -> None:
     env = support.child_env(live_db)
     worker = support.start_manage(["runworker_stream"], env, tmp_path)
     port = support.free_port()
@@ -106,10 +116,12 @@ def test_the_watch_page_404s_like_the_stream(live_db: str, tmp_path: Path) -> No
         server.stop()
 
 
-def _server_on(port: int, env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
-               ) -> support.ManagedProcess:
-    mp = support.start_manage(["runserver_stream", "--host", "127.0.0.1", "--port", str(port),
-                               *args], env, tmp_path, port)
+def _server_on(
+    port: int, env: dict[str, str], tmp_path: Path, args: tuple[str, ...]
+) -> support.ManagedProcess:
+    mp = support.start_manage(
+        ["runserver_stream", "--host", "127.0.0.1", "--port", str(port), *args], env, tmp_path, port
+    )
     import httpx
 
     deadline = time.monotonic() + 30

@@ -29,10 +29,16 @@ def test_health_and_unknown_paths(server):
 def test_not_a_task_is_the_same_404_as_an_unknown_task(server):
     task = ExampleTask.objects.create()
     bodies = set()
-    for path in ("/stream/auth/User/1", "/stream/auth/Group/1", "/stream/nope/ExampleTask/1",
-                 "/stream/tests/NoSuch/1", f"/stream/tests/ExampleTask/{task.pk + 1000}",
-                 "/stream/contenttypes/ContentType/1", "/tasks/auth/User/1",
-                 "/stream/streaming/TaskRun/1"):
+    for path in (
+        "/stream/auth/User/1",
+        "/stream/auth/Group/1",
+        "/stream/nope/ExampleTask/1",
+        "/stream/tests/NoSuch/1",
+        f"/stream/tests/ExampleTask/{task.pk + 1000}",
+        "/stream/contenttypes/ContentType/1",
+        "/tasks/auth/User/1",
+        "/stream/streaming/TaskRun/1",
+    ):
         resp = httpx.get(server.url + path)
         assert resp.status_code == 404, path
         bodies.add(resp.text)
@@ -55,8 +61,14 @@ def test_stream_runs_a_never_started_task_and_ends_after_end(server):
     assert resp.headers["content-type"] == "text/event-stream"
     assert resp.headers["cache-control"] == "no-cache"
     assert resp.headers["x-accel-buffering"] == "no"
-    assert [e.event for e in events] == ["start", "progress", "progress", "progress",
-                                         "complete", "end"]
+    assert [e.event for e in events] == [
+        "start",
+        "progress",
+        "progress",
+        "progress",
+        "complete",
+        "end",
+    ]
     assert [e.id for e in events] == [1, 2, 3, 4, 5, 6]
     assert events[0].data["message"] == "over http" and events[0].data["_seq"] == 1
 
@@ -118,12 +130,16 @@ def test_a_client_resumes_on_another_server_without_gap_or_duplicate(server_fact
     task = ScriptedTask.objects.create(ticks=60, delay=0.02)
     _, head = read_stream(f"{first.url}/stream/tests/ScriptedTask/{task.pk}", max_events=10)
     last = head[-1].id
-    _, tail = read_stream(f"{second.url}/stream/tests/ScriptedTask/{task.pk}",
-                          headers={"Last-Event-ID": str(last)})
+    _, tail = read_stream(
+        f"{second.url}/stream/tests/ScriptedTask/{task.pk}", headers={"Last-Event-ID": str(last)}
+    )
     ids = [e.id for e in head] + [e.id for e in tail]
     assert ids == list(range(1, 62))
-    log = sql("SELECT seq FROM streaming_taskevent WHERE model_name = 'ScriptedTask' "
-              "AND task_id = %s ORDER BY seq", task.pk)
+    log = sql(
+        "SELECT seq FROM streaming_taskevent WHERE model_name = 'ScriptedTask' "
+        "AND task_id = %s ORDER BY seq",
+        task.pk,
+    )
     assert [r[0] for r in log] == ids
 
 
@@ -133,8 +149,11 @@ def test_a_task_queued_by_manage_create_task_runs_on_the_servers_worker(server, 
     _, events = read_stream(f"{server.url}/stream/tests/ExampleTask/{task_id}", headers=SSE)
     assert [e.event for e in events] == ["start", "progress", "progress", "complete", "end"]
     assert events[0].data["message"] == "from the CLI"
-    owner = sql("SELECT lease_owner, status FROM streaming_taskrun WHERE task_id = %s "
-                "AND model_name = 'ExampleTask'", task_id)
+    owner = sql(
+        "SELECT lease_owner, status FROM streaming_taskrun WHERE task_id = %s "
+        "AND model_name = 'ExampleTask'",
+        task_id,
+    )
     assert owner == [(None, "completed")]
     assert f"claimed task tests/ExampleTask/{task_id}" in server.log()
 
@@ -149,8 +168,7 @@ def test_create_status_and_field_errors_over_http(server):
     assert [e.event for e in events] == ["tick", "tick", "tick", "end"]
     status = httpx.get(f"{server.url}/tasks/tests/ScriptedTask/{body['id']}").json()
     assert status["status"] == "completed" and status["last_seq"] == 4
-    bad = httpx.post(server.url + "/tasks/tests/ScriptedTask",
-                     json={"ticks": "many", "nope": 1})
+    bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": "many", "nope": 1})
     assert bad.status_code == 400
     assert set(bad.json()["errors"]) == {"nope"}
     bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": -3})

@@ -256,3 +256,17 @@ async def _drain_until_end(q: asyncio.Queue, timeout: float = 10.0) -> list[dict
         out.append(msg)
         if msg["type"] == "end":
             return out
+
+
+async def test_a_run_whose_table_is_gone_fails_without_blocking_other_claims(rt):
+    sql("INSERT INTO streaming_taskrun (app_label, model_name, task_id, db_table) "
+        "VALUES ('gone', 'Removed', 1, 'gone_removed')")
+    task = await ScriptedTask.objects.acreate(ticks=1)
+    await coordinator.enqueue(task)
+    assert await rt.worker.claim()  # the orphan is the oldest: it is claimed first
+    assert await rt.worker.claim()
+    assert await wait_for_status(rt, task) == "completed"
+    deadline = asyncio.get_running_loop().time() + 10
+    while sql("SELECT status FROM streaming_taskrun WHERE app_label = 'gone'") != [("failed",)]:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
