@@ -77,7 +77,7 @@ class Database:
         self._pool = AsyncConnectionPool(
             conninfo, min_size=min_size, max_size=max_size, open=False,
             kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0, timeout=30, name="streaming",
+            reconnect_timeout=0, timeout=10, name="streaming",
         )
 
     async def open(self) -> None:

@@ -13,11 +13,12 @@ from urllib.parse import quote
 import asgineer
 from asgiref.sync import sync_to_async
 from django.core.exceptions import FieldDoesNotExist, ValidationError
+from django.db import OperationalError as DjangoOperationalError
 
 from streaming import events, log, page, registry, runtime
 from streaming.coordinator import coordinator
 from streaming.events import FINISHED, TaskKey
-from streaming.exceptions import UnknownTaskModel
+from streaming.exceptions import DatabaseUnavailable, UnknownTaskModel
 from streaming.hub import Subscription
 from streaming.models import StreamTask
 
@@ -62,6 +63,11 @@ class StreamServer:
             return _error(400, str(exc))
         except UnknownTaskModel:
             return NOT_FOUND
+        except (DatabaseUnavailable, DjangoOperationalError):
+            # Postgres is restarting or unreachable: a clear, retryable answer, not a 500.
+            logger.warning("%s %s: database unavailable", request.method, request.path)
+            return 503, {"content-type": "application/json", "retry-after": "1"}, (
+                '{"error": "database unavailable, retry"}')
 
     async def _route(self, request: asgineer.HttpRequest, parts: list[str]) -> Any:
         method = request.method

@@ -130,3 +130,23 @@ def test_repeated_postgres_restarts(pg_server, server_factory):
             connections.close_all()
         time.sleep(0.5)
     check_complete(tasks, followers)
+
+
+def test_a_new_stream_while_postgres_is_down_gets_a_503_not_a_500(server_factory, pg_server):
+    import httpx
+
+    from tests.models import ScriptedTask
+
+    server = server_factory("--no-worker")
+    task = ScriptedTask.objects.create(ticks=1)
+    url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
+    pg_server.stop()
+    try:
+        resp = httpx.get(url, timeout=30)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert httpx.get(f"{server.url}/tasks/tests/ScriptedTask/{task.pk}",
+                         timeout=30).status_code == 503
+    finally:
+        pg_server.start()
+        connections.close_all()  # this process's Django connection died with the server
+    assert httpx.get(server.url + "/health").text == "OK"
