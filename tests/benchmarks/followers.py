@@ -55,7 +55,7 @@ async def follow_ours(ctx: Context, server: support.ManagedProcess, clients: int
     if queue:
         await coordinator.enqueue(task)
     cfg = _client_cfg(server.port or 0, f"/stream/benchmarks/BenchTask/{task.pk}", "end",
-                      events, times_file, True, events / max(rate, 1) + 120)
+                      events, times_file, True, _timeout(events, rate, clients))
     group = await ClientGroup.start(cfg, clients, per_process)
     before = await asyncio.to_thread(stack.metrics, server)
     go(go_file)
@@ -78,13 +78,19 @@ async def follow_seed(ctx: Context, clients: int, events: int, rate: float,
         pk = project.create_task(events=events, rate=rate, wait_clients=clients,
                                  times_file=times_file)
         cfg = _client_cfg(server.port or 0, f"/stream/benchapp/BenchTask/{pk}", "complete",
-                          events, times_file, False, events / max(rate, 1) + 120)
+                          events, times_file, False, _timeout(events, rate, clients))
         group = await ClientGroup.start(cfg, clients, per_process)
         stats = await group.results(timeout=float(cfg["timeout"]) + 60)  # type: ignore[arg-type]
         first = _sends(times_file)["calls"][0]
         return FollowRun(stats, events, first, stats.last_receipt - first)
     finally:
         await asyncio.to_thread(server.stop, SEED_STOP)
+
+
+def _timeout(events: int, rate: float, clients: int) -> float:
+    """How long clients may wait for the end: a saturated server runs several times late."""
+    nominal = events / rate if rate else events * clients / 10_000
+    return 300 + 5 * nominal
 
 
 def _sends(path: str) -> dict[str, list[float]]:

@@ -155,7 +155,8 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
                 s.transport.close()
         return {"streams": len(streams)}
     done, _ = await asyncio.wait([s.finished for s in streams], timeout=cfg.get("timeout", 120))
-    sends = await wait_for_file(cfg["times_file"], 30) if cfg.get("times_file") else {}
+    # The task writes its send times after its last send_event, which may return late.
+    sends = await wait_for_file(cfg["times_file"], 300) if cfg.get("times_file") else {}
     return summarise(streams, sends, cfg["expect"], timed_out=len(streams) - len(done))
 
 
