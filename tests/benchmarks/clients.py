@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +21,7 @@ class ClientGroup:
     """Client processes following one stream; ``count`` connections spread over them."""
 
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
-    lines: list[list[str]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
     @classmethod
     async def start(cls, cfg: dict[str, Any], count: int, per_process: int = 500,
@@ -29,11 +32,13 @@ class ClientGroup:
         if count % per_process:
             sizes.append(count % per_process)
         for size in sizes:
+            fd, result_file = tempfile.mkstemp(prefix="sseclient-", suffix=".json")
+            os.close(fd)
+            group.files.append(result_file)
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tests.benchmarks.sseclient",
-                json.dumps({**cfg, "count": size}),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                limit=1 << 26)  # the result line carries latency histograms
+                json.dumps({**cfg, "count": size, "result_file": result_file}),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
             group.procs.append(proc)
         await asyncio.wait_for(asyncio.gather(*(group._expect(p, "connected")
                                                 for p in group.procs)), timeout)
@@ -49,11 +54,12 @@ class ClientGroup:
                 return line[len(prefix):].strip()
 
     async def results(self, timeout: float = 300.0) -> Stats:
-        """Wait for every process's result line and merge them."""
-        texts = await asyncio.wait_for(asyncio.gather(*(self._expect(p, "result ")
+        """Wait for every process's result and merge them."""
+        paths = await asyncio.wait_for(asyncio.gather(*(self._expect(p, "result ")
                                                         for p in self.procs)), timeout)
+        stats = Stats.merge([_load_json(path) for path in paths])
         await self.close()
-        return Stats.merge([json.loads(t) for t in texts])
+        return stats
 
     async def close(self) -> None:
         for proc in self.procs:
@@ -65,6 +71,16 @@ class ClientGroup:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+        for path in self.files:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self.files = []
+
+
+def _load_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    return data
 
 
 @dataclass

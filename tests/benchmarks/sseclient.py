@@ -3,7 +3,8 @@
 CFG is JSON: host, port, path, count (connections), end (the event type that ends a stream),
 expect (events per stream), times_file (send times written by the task), timeout, hold (stay
 connected until stdin closes, for the memory scenario). The process prints ``connected N`` once
-every connection has its response headers, then one ``result {json}`` line: per-stream counts,
+every connection has its response headers, then ``result PATH`` once it has written to
+``result_file`` (or ``result {json}`` without one) what it saw: per-stream counts,
 gaps, and histograms of latencies: receipt time minus the time ``send_event`` returned, and
 minus the time it was called.
 Receipt times are taken when bytes arrive, before any parsing.
@@ -198,7 +199,14 @@ def run() -> None:
     except ImportError:
         pass
     result = asyncio.run(main(cfg))
-    print("result " + json.dumps(result), flush=True)
+    # Histograms of a lagging run run to hundreds of KB: a file, not a line on a pipe.
+    path = cfg.get("result_file")
+    if path:
+        with open(path, "w") as out:
+            json.dump(result, out)
+        print(f"result {path}", flush=True)
+    else:
+        print("result " + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
