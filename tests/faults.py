@@ -32,7 +32,9 @@ PATIENT = ReconnectPolicy(max_retries=40, backoff=0.1, max_backoff=0.5, read_tim
 FAILOVER = ReconnectPolicy(max_retries=2, backoff=0.05, max_backoff=0.1, read_timeout=20.0)
 
 
-def wait_until(check: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+def wait_until(
+    check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.02
+) -> T:
     """Call ``check`` until it returns something truthy; that value, or AssertionError."""
     deadline = time.monotonic() + timeout
     while True:

@@ -16,8 +16,8 @@ def worker_factory(live_db: str, tmp_path: Path) -> Iterator[Callable[..., suppo
     """Start real ``manage.py runworker_stream`` processes on the test database."""
     started: list[support.ManagedProcess] = []
 
-    def start(*extra: str, **env: str) -> support.ManagedProcess:
-        mp = faults.start_worker(live_db, tmp_path, *extra, **env)
+    def start(*extra: str, wait: float = 30.0, **env: str) -> support.ManagedProcess:
+        mp = faults.start_worker(live_db, tmp_path, *extra, wait=wait, **env)
         started.append(mp)
         return mp
 

@@ -6,28 +6,33 @@ Tasks keep emitting to clients on two servers; every client must end with exactl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from django.db import connections
 
+from streaming.embedded import EphemeralServer
 from tests import faults
 from tests.faults import Follower, wait_until
 from tests.models import ScriptedTask
-from tests.support import read_stream
+from tests.support import ManagedProcess, read_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 TICKS = 60
 
 
-def start_tasks(servers, count: int = 2) -> tuple[list[ScriptedTask], list[Follower]]:
+def start_tasks(
+    servers: list[ManagedProcess], count: int = 2
+) -> tuple[list[ScriptedTask], list[Follower]]:
     """``count`` tasks, each followed by one client on every server."""
     tasks = [ScriptedTask.objects.create(ticks=TICKS, delay=0.05) for _ in range(count)]
     followers = [Follower(s.url, t, name=f"{s.port}/{t.pk}") for t in tasks for s in servers]
     for f in followers:
         f.start()
     for t in tasks:
-        wait_until(lambda t=t: faults.run_of(t).last_seq >= 5, 20, "five ticks")
+        # mypy cannot type a lambda with a default argument (python/mypy#15459)
+        wait_until(lambda t=t: faults.run_of(t).last_seq >= 5, 20, "five ticks")  # type: ignore[misc]
     return tasks, followers
 
 
@@ -46,7 +51,11 @@ def check_complete(tasks: list[ScriptedTask], followers: list[Follower]) -> None
                 faults.same_as_log(f.events, rows)
 
 
-def test_a_postgres_restart_mid_stream_loses_nothing(pg_server, server_factory, worker_factory):
+def test_a_postgres_restart_mid_stream_loses_nothing(
+    pg_server: EphemeralServer,
+    server_factory: Callable[..., ManagedProcess],
+    worker_factory: Callable[..., ManagedProcess],
+) -> None:
     servers = [server_factory("--no-worker"), server_factory("--no-worker")]
     worker_factory()  # the tasks run in a worker-only process
     tasks, followers = start_tasks(servers)
@@ -69,7 +78,9 @@ def test_a_postgres_restart_mid_stream_loses_nothing(pg_server, server_factory, 
         assert [e.event for e in events] == ["tick", "tick", "tick", "end"]
 
 
-def test_terminated_listen_connections_reconnect_and_streams_go_on(server_factory):
+def test_terminated_listen_connections_reconnect_and_streams_go_on(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     servers = [server_factory(), server_factory("--no-worker")]
     tasks, followers = start_tasks(servers)
     before = faults.listener_backends()
@@ -77,7 +88,8 @@ def test_terminated_listen_connections_reconnect_and_streams_go_on(server_factor
         assert faults.terminate_backend(before[s.proc.pid])
     for s in servers:
         wait_until(
-            lambda s=s: (
+            # mypy cannot type a lambda with a default argument (python/mypy#15459)
+            lambda s=s: (  # type: ignore[misc]
                 faults.listener_backends().get(s.proc.pid, before[s.proc.pid]) != before[s.proc.pid]
             ),
             10,
@@ -90,7 +102,9 @@ def test_terminated_listen_connections_reconnect_and_streams_go_on(server_factor
     check_complete(tasks, followers)
 
 
-def test_every_connection_of_the_servers_terminated_at_once(server_factory):
+def test_every_connection_of_the_servers_terminated_at_once(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     """Pool, LISTEN and worker connections all die mid-append; all of them come back."""
     servers = [server_factory(), server_factory()]
     tasks, followers = start_tasks(servers)
@@ -103,7 +117,9 @@ def test_every_connection_of_the_servers_terminated_at_once(server_factory):
 
 
 @pytest.mark.slow
-def test_listen_connections_terminated_again_and_again(server_factory):
+def test_listen_connections_terminated_again_and_again(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     servers = [server_factory(), server_factory("--no-worker")]
     tasks, followers = start_tasks(servers)
     rounds = 0
@@ -118,7 +134,9 @@ def test_listen_connections_terminated_again_and_again(server_factory):
 
 
 @pytest.mark.slow
-def test_repeated_postgres_restarts(pg_server, server_factory):
+def test_repeated_postgres_restarts(
+    pg_server: EphemeralServer, server_factory: Callable[..., ManagedProcess]
+) -> None:
     servers = [server_factory(), server_factory()]
     tasks, followers = start_tasks(servers)
     for _ in range(3):
@@ -132,7 +150,9 @@ def test_repeated_postgres_restarts(pg_server, server_factory):
     check_complete(tasks, followers)
 
 
-def test_a_new_stream_while_postgres_is_down_gets_a_503_not_a_500(server_factory, pg_server):
+def test_a_new_stream_while_postgres_is_down_gets_a_503_not_a_500(
+    server_factory: Callable[..., ManagedProcess], pg_server: EphemeralServer
+) -> None:
     import httpx
 
     from tests.models import ScriptedTask

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Callable
+from datetime import datetime
 
 import httpx
 import pytest
 
 from tests import faults
-from tests.faults import FAST_LEASES, Follower, wait_until
+from tests.faults import FAST_LEASES, Follower, Row, wait_until
 from tests.models import ScriptedTask
+from tests.support import ManagedProcess
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,7 +25,7 @@ TICKS = 4
 DELAY = 0.4  # before each tick: the window in which a kill lands "between events"
 
 
-def kill_at(point: str, task: ScriptedTask, victim, k: int = 1) -> None:
+def kill_at(point: str, task: ScriptedTask, victim: ManagedProcess, k: int = 1) -> None:
     """Kill -9 ``victim`` while it runs ``task``, at ``point`` of its run."""
     if point == "before_first":
         victim.kill()
@@ -40,7 +43,9 @@ def kill_at(point: str, task: ScriptedTask, victim, k: int = 1) -> None:
         raise ValueError(point)
 
 
-def check_reclaimed_run(task: ScriptedTask, follower: Follower, lease_expired_at) -> list:
+def check_reclaimed_run(
+    task: ScriptedTask, follower: Follower, lease_expired_at: datetime
+) -> list[Row]:
     """The log after one kill: attempt 1's prefix, retry, a whole attempt 2, end."""
     follower.finish()
     faults.assert_gap_free(task)
@@ -62,8 +67,10 @@ def check_reclaimed_run(task: ScriptedTask, follower: Follower, lease_expired_at
 
 @pytest.mark.parametrize("point", ["before_first", "between", "after_last"])
 def test_a_killed_workers_task_is_reclaimed_and_rerun_from_the_start(
-    point, server_factory, worker_factory
-):
+    point: str,
+    server_factory: Callable[..., ManagedProcess],
+    worker_factory: Callable[..., ManagedProcess],
+) -> None:
     front = server_factory("--no-worker", **FAST_LEASES)
     victim = worker_factory(**FAST_LEASES)
     task = ScriptedTask.objects.create(ticks=TICKS, delay=DELAY)
@@ -85,7 +92,9 @@ def test_a_killed_workers_task_is_reclaimed_and_rerun_from_the_start(
 
 
 @pytest.mark.slow
-def test_random_kills_over_many_trials(server_factory, worker_factory):
+def test_random_kills_over_many_trials(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     """Ten trials, each killing whichever worker holds the task at a random point."""
     rng = random.Random()
     seed = rng.randrange(1 << 30)
@@ -97,7 +106,8 @@ def test_random_kills_over_many_trials(server_factory, worker_factory):
         task = ScriptedTask.objects.create(ticks=TICKS, delay=DELAY)
         follower = Follower(front.url, task)
         follower.start()
-        owner = wait_until(lambda t=task: faults.run_of(t).owner_pid, 20, "the claim")
+        # mypy cannot type a lambda with a default argument (python/mypy#15459)
+        owner = wait_until(lambda t=task: faults.run_of(t).owner_pid, 20, "the claim")  # type: ignore[misc]
         victim = next(w for w in workers if w.proc.pid == owner)
         kill_at(point, task, victim, k=rng.randint(1, TICKS - 1))
         lease_expired_at = faults.lease_expires_at(task)
@@ -110,8 +120,8 @@ def test_random_kills_over_many_trials(server_factory, worker_factory):
 
 
 def test_a_worker_paused_past_its_lease_writes_nothing_after_the_takeover(
-    server_factory, worker_factory
-):
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     front = server_factory("--no-worker", **FAST_LEASES)
     paused = server_factory(**FAST_LEASES)
     task = ScriptedTask.objects.create(ticks=40, delay=0.05)
@@ -145,7 +155,9 @@ def test_a_worker_paused_past_its_lease_writes_nothing_after_the_takeover(
     assert rescuer.proc.poll() is None
 
 
-def test_a_worker_that_retakes_its_own_expired_run_keeps_the_new_attempt(server_factory):
+def test_a_worker_that_retakes_its_own_expired_run_keeps_the_new_attempt(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     """A lease that expired while the heartbeat was late, and no other worker around.
 
     The worker is paused right after a renewal and its lease is expired by hand, as a late
@@ -180,8 +192,8 @@ def test_a_worker_that_retakes_its_own_expired_run_keeps_the_new_attempt(server_
 
 
 def test_when_attempts_are_used_up_the_task_fails_with_error_and_end(
-    server_factory, worker_factory
-):
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     env = {**FAST_LEASES, "STREAMING_MAX_ATTEMPTS": "1"}
     front = server_factory("--no-worker", **env)  # its GET queues the task: max_attempts 1
     victim = worker_factory(**env)
@@ -196,7 +208,8 @@ def test_when_attempts_are_used_up_the_task_fails_with_error_and_end(
     assert events[-2].data["error_type"] == "LeaseExpired"
     assert events[-1].data["status"] == "failed"
     run = faults.run_of(task)
-    assert run.status == "failed" and run.error["error_type"] == "LeaseExpired"
+    assert run.status == "failed" and run.error is not None
+    assert run.error["error_type"] == "LeaseExpired"
     faults.assert_gap_free(task)
     faults.same_as_log(events, faults.log_of(task))
     assert "retry" not in [e.event for e in events]
@@ -206,16 +219,20 @@ def test_when_attempts_are_used_up_the_task_fails_with_error_and_end(
 
 
 @pytest.mark.slow
-def test_three_kills_use_up_three_attempts(server_factory, worker_factory):
+def test_three_kills_use_up_three_attempts(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     front = server_factory("--no-worker", **FAST_LEASES)
     task = ScriptedTask.objects.create(ticks=50, delay=0.05)
     follower = Follower(front.url, task)
     follower.start()
     for attempt in (1, 2, 3):
         worker = worker_factory(**FAST_LEASES)
-        wait_until(lambda a=attempt: faults.run_of(task).attempt == a, 20, f"attempt {attempt}")
+        # mypy cannot type a lambda with a default argument (python/mypy#15459)
+        wait_until(lambda a=attempt: faults.run_of(task).attempt == a, 20, f"attempt {attempt}")  # type: ignore[misc]
         pid = worker.proc.pid
-        wait_until(lambda p=pid: faults.run_of(task).owner_pid == p, 5, "its claim")
+        # mypy cannot type a lambda with a default argument (python/mypy#15459)
+        wait_until(lambda p=pid: faults.run_of(task).owner_pid == p, 5, "its claim")  # type: ignore[misc]
         worker.kill()
     worker_factory(**FAST_LEASES)
     events = follower.finish()
@@ -225,7 +242,9 @@ def test_three_kills_use_up_three_attempts(server_factory, worker_factory):
     faults.same_as_log(events, faults.log_of(task))
 
 
-def test_a_queued_task_whose_row_was_deleted_fails_at_once(server_factory, worker_factory):
+def test_a_queued_task_whose_row_was_deleted_fails_at_once(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     front = server_factory("--no-worker", **FAST_LEASES)
     resp = httpx.post(front.url + "/tasks/tests/ScriptedTask", json={"ticks": 3})
     assert resp.status_code == 201
@@ -235,5 +254,5 @@ def test_a_queued_task_whose_row_was_deleted_fails_at_once(server_factory, worke
     wait_until(lambda: faults.run_of(task).status == "failed", 10, "the run to fail")
     run = faults.run_of(task)
     assert run.attempt == 1, "failed on its first attempt, not after leases expired"
-    assert run.error["error_type"] == "DoesNotExist"
+    assert run.error is not None and run.error["error_type"] == "DoesNotExist"
     assert [r.event_type for r in faults.log_of(task)] == ["error", "end"]

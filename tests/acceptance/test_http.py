@@ -3,30 +3,31 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from streaming import client as stream_client
 from tests.models import ExampleTask, ScriptedTask
-from tests.support import read_stream, sql
+from tests.support import ManagedProcess, read_stream, sql
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SSE = {"Accept": "text/event-stream"}
 
 
 @pytest.fixture
-def server(server_factory):
+def server(server_factory: Callable[..., ManagedProcess]) -> ManagedProcess:
     return server_factory()
 
 
-def test_health_and_unknown_paths(server):
+def test_health_and_unknown_paths(server: ManagedProcess) -> None:
     assert httpx.get(server.url + "/health").text == "OK"
     assert httpx.get(server.url + "/invalid").status_code == 404
     assert httpx.post(server.url + "/health").status_code == 404
 
 
-def test_not_a_task_is_the_same_404_as_an_unknown_task(server):
+def test_not_a_task_is_the_same_404_as_an_unknown_task(server: ManagedProcess) -> None:
     task = ExampleTask.objects.create()
     bodies = set()
     for path in (
@@ -45,7 +46,7 @@ def test_not_a_task_is_the_same_404_as_an_unknown_task(server):
     assert len(bodies) == 1
 
 
-def test_malformed_id_and_last_event_id_are_400(server):
+def test_malformed_id_and_last_event_id_are_400(server: ManagedProcess) -> None:
     task = ExampleTask.objects.create()
     assert httpx.get(server.url + "/stream/tests/ExampleTask/abc").status_code == 400
     assert httpx.get(server.url + "/stream/tests/ExampleTask/-1").status_code == 400
@@ -54,7 +55,7 @@ def test_malformed_id_and_last_event_id_are_400(server):
     assert httpx.get(url + "?last_event_id=1.5").status_code == 400
 
 
-def test_stream_runs_a_never_started_task_and_ends_after_end(server):
+def test_stream_runs_a_never_started_task_and_ends_after_end(server: ManagedProcess) -> None:
     task = ExampleTask.objects.create(message="over http", step_delay=0.05)
     resp, events = read_stream(f"{server.url}/stream/tests/ExampleTask/{task.pk}")
     assert resp.status_code == 200
@@ -73,7 +74,7 @@ def test_stream_runs_a_never_started_task_and_ends_after_end(server):
     assert events[0].data["message"] == "over http" and events[0].data["_seq"] == 1
 
 
-def test_the_model_name_is_case_insensitive_and_the_app_optional(server):
+def test_the_model_name_is_case_insensitive_and_the_app_optional(server: ManagedProcess) -> None:
     task = ScriptedTask.objects.create(ticks=2)
     _, events = read_stream(f"{server.url}/stream/scriptedtask/{task.pk}")
     assert [e.id for e in events] == [1, 2, 3]
@@ -81,7 +82,9 @@ def test_the_model_name_is_case_insensitive_and_the_app_optional(server):
     assert again == events
 
 
-def test_a_finished_task_plain_get_is_the_seeds_json_and_resume_at_end_is_204(server):
+def test_a_finished_task_plain_get_is_the_seeds_json_and_resume_at_end_is_204(
+    server: ManagedProcess,
+) -> None:
     task = ScriptedTask.objects.create(ticks=2, result={"answer": 42})
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     read_stream(url)
@@ -96,7 +99,7 @@ def test_a_finished_task_plain_get_is_the_seeds_json_and_resume_at_end_is_204(se
     assert [e.event for e in events] == ["tick", "tick", "end"]
 
 
-def test_resume_with_last_event_id_gives_exactly_the_missing_events(server):
+def test_resume_with_last_event_id_gives_exactly_the_missing_events(server: ManagedProcess) -> None:
     task = ScriptedTask.objects.create(ticks=30, delay=0.01)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     _, head = read_stream(url, max_events=7)
@@ -108,10 +111,10 @@ def test_resume_with_last_event_id_gives_exactly_the_missing_events(server):
     assert by_query == tail[13:]
 
 
-def test_three_concurrent_clients_all_get_the_full_stream(server):
+def test_three_concurrent_clients_all_get_the_full_stream(server: ManagedProcess) -> None:
     task = ScriptedTask.objects.create(ticks=40, delay=0.01)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
-    results: list[list[int]] = []
+    results: list[list[int | None]] = []
 
     def follow() -> None:
         _, events = read_stream(url, headers=SSE)
@@ -125,7 +128,9 @@ def test_three_concurrent_clients_all_get_the_full_stream(server):
     assert results == [list(range(1, 42))] * 3
 
 
-def test_a_client_resumes_on_another_server_without_gap_or_duplicate(server_factory):
+def test_a_client_resumes_on_another_server_without_gap_or_duplicate(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     first, second = server_factory(), server_factory("--no-worker")
     task = ScriptedTask.objects.create(ticks=60, delay=0.02)
     _, head = read_stream(f"{first.url}/stream/tests/ScriptedTask/{task.pk}", max_events=10)
@@ -143,7 +148,10 @@ def test_a_client_resumes_on_another_server_without_gap_or_duplicate(server_fact
     assert [r[0] for r in log] == ids
 
 
-def test_a_task_queued_by_manage_create_task_runs_on_the_servers_worker(server, manage):
+def test_a_task_queued_by_manage_create_task_runs_on_the_servers_worker(
+    server: ManagedProcess,
+    manage: Callable[..., str],
+) -> None:
     out = manage("create_task", "--message", "from the CLI", "--steps", "2", "--delay", "0.01")
     task_id = int(out.split("Created ExampleTask ")[1].split()[0])
     _, events = read_stream(f"{server.url}/stream/tests/ExampleTask/{task_id}", headers=SSE)
@@ -158,7 +166,7 @@ def test_a_task_queued_by_manage_create_task_runs_on_the_servers_worker(server, 
     assert f"claimed task tests/ExampleTask/{task_id}" in server.log()
 
 
-def test_create_status_and_field_errors_over_http(server):
+def test_create_status_and_field_errors_over_http(server: ManagedProcess) -> None:
     resp = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": 3})
     assert resp.status_code == 201, resp.text
     body = resp.json()
@@ -179,7 +187,7 @@ def test_create_status_and_field_errors_over_http(server):
     assert httpx.post(server.url + "/tasks/tests/TimeoutTask", json={}).status_code == 404
 
 
-def test_the_python_client_streams_and_resumes(server):
+def test_the_python_client_streams_and_resumes(server: ManagedProcess) -> None:
     task = ScriptedTask.objects.create(ticks=12, delay=0.01)
     sc = stream_client.StreamingClient(server.url)
     try:
@@ -193,7 +201,7 @@ def test_the_python_client_streams_and_resumes(server):
         sc.close()
 
 
-def test_cancel_over_http_ends_the_stream_with_cancelled_then_end(server):
+def test_cancel_over_http_ends_the_stream_with_cancelled_then_end(server: ManagedProcess) -> None:
     task = ScriptedTask.objects.create(ticks=1000, delay=0.05)
     url = f"{server.url}/stream/tests/ScriptedTask/{task.pk}"
     read_stream(url, max_events=2)

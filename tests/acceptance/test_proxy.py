@@ -27,7 +27,7 @@ pytestmark = [
 NGINX_CONF = support.ROOT / "docker" / "nginx.conf"
 
 
-def render(ports: list[int], listen: int, tmp: Path) -> str:
+def render(ports: list[int | None], listen: int, tmp: Path) -> str:
     """docker/nginx.conf for local upstreams on ``ports``, listening on 127.0.0.1:``listen``."""
     text = NGINX_CONF.read_text()
     upstreams = "\n".join(
@@ -104,7 +104,10 @@ def serving(servers: list[support.ManagedProcess], clients: int) -> list[support
     return wait_until(check, 10, f"{clients} open streams")
 
 
-def test_clients_behind_nginx_resume_when_their_server_is_killed(server_factory, proxy_for):
+def test_clients_behind_nginx_resume_when_their_server_is_killed(
+    server_factory: Callable[..., support.ManagedProcess],
+    proxy_for: Callable[[list[support.ManagedProcess]], str],
+) -> None:
     servers = [server_factory(**FAST_LEASES) for _ in range(3)]
     proxy = proxy_for(servers)
     task = ScriptedTask.objects.create(ticks=60, delay=0.05)
@@ -114,7 +117,7 @@ def test_clients_behind_nginx_resume_when_their_server_is_killed(server_factory,
     wait_until(lambda: all(len(c.events) >= 5 for c in clients), 20, "five events each")
     victim = serving(servers, len(clients))[0]
     victim.kill()
-    rows = None
+    rows: list[faults.Row] = []
     for c in clients:
         c.finish()
         rows = rows or faults.log_of(task)
@@ -124,7 +127,10 @@ def test_clients_behind_nginx_resume_when_their_server_is_killed(server_factory,
     assert faults.tick_numbers(rows, faults.run_of(task).attempt) == list(range(1, 61))
 
 
-def test_a_server_stopped_behind_nginx_hands_its_clients_over(server_factory, proxy_for):
+def test_a_server_stopped_behind_nginx_hands_its_clients_over(
+    server_factory: Callable[..., support.ManagedProcess],
+    proxy_for: Callable[[list[support.ManagedProcess]], str],
+) -> None:
     servers = [server_factory("--grace", "0.5") for _ in range(3)]
     proxy = proxy_for(servers)
     task = ScriptedTask.objects.create(ticks=60, delay=0.05)
@@ -135,7 +141,7 @@ def test_a_server_stopped_behind_nginx_hands_its_clients_over(server_factory, pr
     stopping = serving(servers, len(clients))[0]
     stopping.signal(signal.SIGTERM)
     assert stopping.proc.wait(10) == 0
-    rows = None
+    rows: list[faults.Row] = []
     for c in clients:
         c.finish()
         rows = rows or faults.log_of(task)

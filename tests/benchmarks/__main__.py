@@ -8,7 +8,8 @@ import importlib
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from tests.benchmarks import harness, stack
 from tests.benchmarks.context import Context
@@ -33,7 +34,7 @@ NAMES = list(SCENARIOS)
 
 def scenario(name: str) -> Scenario:
     module, _, func = SCENARIOS[name].partition(":")
-    return getattr(importlib.import_module(f"tests.benchmarks.{module}"), func)  # type: ignore[no-any-return]
+    return getattr(importlib.import_module(f"tests.benchmarks.{module}"), func)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               "will skew the figures", file=sys.stderr)
     with stack.provision(fsync=not args.no_fsync, keep=args.keep) as st:
         ctx = Context(st, quick=args.quick, repeat=args.repeat or (1 if args.quick else 3))
+        runner: Callable[[Coroutine[Any, Any, list[harness.Result]]], list[harness.Result]]
         try:
             import uvloop
 

@@ -34,8 +34,9 @@ async def _ours(ctx: Context, clients: int) -> float:
     server = await asyncio.to_thread(ctx.stack.start_server)
     try:
         task = await BenchTask.objects.acreate(events=1, go_file=ctx.stack.path("never"))
-        cfg = {"host": "127.0.0.1", "port": server.port, "end": "end", "expect": 1,
-               "path": f"/stream/benchmarks/BenchTask/{task.pk}", "hold": True}
+        cfg: dict[str, object] = {"host": "127.0.0.1", "port": server.port, "end": "end",
+                                  "expect": 1, "path": f"/stream/benchmarks/BenchTask/{task.pk}",
+                                  "hold": True}
         return await _per_client(server, cfg, clients, wait_headers=True)
     finally:
         await asyncio.to_thread(ctx.stack.stop, server)
@@ -46,8 +47,9 @@ async def _seed(ctx: Context, clients: int) -> float:
     server = await asyncio.to_thread(project.start_server, ctx.stack.workdir)
     try:
         pk = project.create_task(events=1, go_file=ctx.stack.path("never"))
-        cfg = {"host": "127.0.0.1", "port": server.port, "end": "complete", "expect": 1,
-               "path": f"/stream/benchapp/BenchTask/{pk}", "hold": True}
+        cfg: dict[str, object] = {"host": "127.0.0.1", "port": server.port, "end": "complete",
+                                  "expect": 1, "path": f"/stream/benchapp/BenchTask/{pk}",
+                                  "hold": True}
         # The seed sends its headers with the first event: count the clients it attached.
         return await _per_client(server, cfg, clients, wait_headers=False,
                                  settle=lambda: asyncio.sleep(SETTLE * 2))

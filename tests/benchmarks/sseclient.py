@@ -127,7 +127,8 @@ async def open_streams(cfg: dict[str, Any]) -> list[Stream]:
 
     await asyncio.gather(*(one() for _ in range(cfg["count"])))
     if wait_headers:
-        await asyncio.wait_for(asyncio.gather(*(s.connected for s in streams  # type: ignore[misc]
+        # Every stream was given a ``connected`` future (wait_headers): none of them is None.
+        await asyncio.wait_for(asyncio.gather(*(s.connected for s in streams  # type: ignore[arg-type]
                                                   )), cfg.get("timeout", 120))
     return streams
 

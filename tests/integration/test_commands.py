@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from streaming.coordinator import coordinator
@@ -11,7 +14,10 @@ from tests.support import sql, wait_for_status
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def test_cleanup_old_tasks_deletes_old_finished_tasks_with_their_logs(rt, manage):
+async def test_cleanup_old_tasks_deletes_old_finished_tasks_with_their_logs(
+    rt: Any,
+    manage: Callable[..., str],
+) -> None:
     old, recent, running = [await ScriptedTask.objects.acreate(ticks=2) for _ in range(3)]
     running.ticks, running.delay = 1000, 0.05
     await running.asave()
@@ -38,12 +44,12 @@ async def test_cleanup_old_tasks_deletes_old_finished_tasks_with_their_logs(rt, 
     await running.acancel()
 
 
-def test_cleanup_rejects_bad_hours(manage):
+def test_cleanup_rejects_bad_hours(manage: Callable[..., str]) -> None:
     with pytest.raises(AssertionError, match="--hours must be positive"):
         manage("cleanup_old_tasks", "--hours", "0")
 
 
-def test_create_task_no_start_creates_without_queueing(manage):
+def test_create_task_no_start_creates_without_queueing(manage: Callable[..., str]) -> None:
     out = manage("create_task", "--no-start", "--message", "later")
     task_id = int(out.split("Created ExampleTask ")[1].split()[0])
     task = ExampleTask.objects.get(pk=task_id)

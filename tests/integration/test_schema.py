@@ -15,7 +15,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 MIGRATIONS = Path(schema.__file__).parent / "migrations"
 
 
-def test_each_ddl_file_is_wrapped_by_exactly_one_migration():
+def test_each_ddl_file_is_wrapped_by_exactly_one_migration() -> None:
     uses: dict[str, int] = {}
     for path in MIGRATIONS.glob("[0-9]*.py"):
         for name in re.findall(r'schema\.read\("([^"]+)"\)', path.read_text()):
@@ -23,19 +23,19 @@ def test_each_ddl_file_is_wrapped_by_exactly_one_migration():
     assert uses == {name: 1 for name in schema.files()}
 
 
-def test_each_ddl_file_was_applied_once():
+def test_each_ddl_file_was_applied_once() -> None:
     applied = [r[0] for r in sql("SELECT name FROM streaming_schema_file ORDER BY name")]
     assert applied == schema.files()
 
 
-def test_applying_a_file_twice_fails_instead_of_duplicating():
+def test_applying_a_file_twice_fails_instead_of_duplicating() -> None:
     with pytest.raises(psycopg.errors.DuplicateTable):
         sql(schema.read("0001_initial.sql"))
     assert sql("SELECT count(*) FROM streaming_schema_file WHERE name = '0001_initial.sql'") == [
         (1,)]
 
 
-def test_seq_is_unique_per_task_in_the_database():
+def test_seq_is_unique_per_task_in_the_database() -> None:
     sql("INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
         "event_type, data) VALUES ('a', 'M', 1, 1, 1, 'x', '{}')")
     with pytest.raises(psycopg.errors.UniqueViolation):

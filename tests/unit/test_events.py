@@ -16,12 +16,12 @@ WHEN = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
 
 @pytest.mark.parametrize("event_type", ["progress", "a", "x" * 64, "step.done", "a:b-c_d"])
-def test_valid_event_types(event_type):
+def test_valid_event_types(event_type: str) -> None:
     assert json.loads(events.validate(event_type, {"k": 1})) == {"k": 1}
 
 
 @pytest.mark.parametrize("event_type", ["", "x" * 65, "has space", "new\nline", "é", 5, None])
-def test_invalid_event_types_raise_value_errors(event_type):
+def test_invalid_event_types_raise_value_errors(event_type: object) -> None:
     with pytest.raises(InvalidEventType) as info:
         events.validate(event_type, {})
     assert isinstance(info.value, ValueError) and isinstance(info.value, StreamingError)
@@ -29,18 +29,18 @@ def test_invalid_event_types_raise_value_errors(event_type):
 
 @pytest.mark.parametrize("data", [[1], "s", None, 3, {"x": {1, 2}}, {"x": float("inf")},
                                   {"x": "\x00"}])
-def test_invalid_data_raises_type_errors(data):
+def test_invalid_data_raises_type_errors(data: object) -> None:
     with pytest.raises(InvalidEventData) as info:
         events.validate("ok", data)
     assert isinstance(info.value, TypeError)
 
 
-def test_large_data_is_accepted():
+def test_large_data_is_accepted() -> None:
     text = events.validate("big", {"pad": "y" * 100_000})
     assert len(text) > 100_000
 
 
-def test_frame_has_id_event_and_merged_metadata():
+def test_frame_has_id_event_and_merged_metadata() -> None:
     ev = events.build(KEY, 7, "progress", '{"step": 1}', WHEN, 1)
     text = ev.frame.decode()
     assert text.startswith("id: 7\nevent: progress\ndata: {")
@@ -51,12 +51,12 @@ def test_frame_has_id_event_and_merged_metadata():
                        "_timestamp": "2026-01-02T03:04:05.678000Z", "_seq": 7}
 
 
-def test_empty_data_gets_metadata_only():
+def test_empty_data_gets_metadata_only() -> None:
     ev = events.build(KEY, 1, "start", "{}", WHEN, 1)
     assert ev.payload()["_seq"] == 1 and len(ev.payload()) == 5
 
 
-def test_message_is_the_seed_queue_item():
+def test_message_is_the_seed_queue_item() -> None:
     ev = events.build(KEY, 3, "end", '{"status": "completed"}', WHEN, 2)
     msg = ev.as_message()
     assert set(msg) == {"type", "data", "timestamp", "seq"}
@@ -64,7 +64,7 @@ def test_message_is_the_seed_queue_item():
     assert msg["data"]["status"] == "completed"
 
 
-def test_names_needing_json_escapes_stay_valid_json():
+def test_names_needing_json_escapes_stay_valid_json() -> None:
     key = TaskKey('we"ird', "M\\odel", 1)
     ev = events.build(key, 1, "x", '{"a": "b"}', WHEN, 1)
     assert ev.payload()["_app"] == 'we"ird' and ev.payload()["_model"] == "M\\odel"
