@@ -91,7 +91,7 @@ def blocked_dir(path: Path, account: Account) -> Path | None:
     return None
 
 
-def _can_run(bindir: Path, account: Account) -> bool:
+def can_run(bindir: Path, account: Account) -> bool:
     try:
         st = (bindir / "postgres").stat()
     except OSError:

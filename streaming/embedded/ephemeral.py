@@ -16,13 +16,13 @@ from pathlib import Path
 from streaming.embedded.accounts import Account, blocked_dir, server_account
 from streaming.embedded.binaries import find_bindir, reachable_bindir
 from streaming.embedded.cluster import EPHEMERAL_SETTINGS, init_cluster
-from streaming.embedded.errors import EmbeddedPostgresError, _PortTaken
+from streaming.embedded.errors import EmbeddedPostgresError, PortTaken
 from streaming.embedded.process import (
     POSTGRES_LOG,
-    _await_ready,
-    _in_lasting_thread,
-    _spawn_postgres,
-    _stop_process,
+    await_ready,
+    in_lasting_thread,
+    spawn_postgres,
+    stop_process,
 )
 from streaming.embedded.wire import build_url, free_port
 
@@ -67,19 +67,19 @@ class EphemeralServer:
             if self._port is not None:
                 try:
                     self._launch(self._port)
-                except _PortTaken:
+                except PortTaken:
                     raise EmbeddedPostgresError(f"port {self._port} was taken meanwhile") from None
                 return
             for _attempt in range(5):
-                with contextlib.suppress(_PortTaken):
+                with contextlib.suppress(PortTaken):
                     self._launch(free_port())
                     return
             raise EmbeddedPostgresError("could not find a free port for postgres")
 
     def _launch(self, port: int) -> None:
         with open(self.log_path, "ab") as log_file:
-            proc = _in_lasting_thread(
-                lambda: _spawn_postgres(
+            proc = in_lasting_thread(
+                lambda: spawn_postgres(
                     self.bindir,
                     self.data_dir,
                     port,
@@ -89,14 +89,14 @@ class EphemeralServer:
                     signal.SIGQUIT,
                 )
             )
-        _await_ready(proc, self.data_dir, self.log_path)
+        await_ready(proc, self.data_dir, self.log_path)
         self._proc, self._port = proc, port
 
     def stop(self, *, immediate: bool = False) -> None:
         """Stop the server and wait; ``immediate`` is crash-like (recovery on the next start)."""
         with self._lock:
             if self._proc is not None:
-                _stop_process(self._proc, immediate=immediate)
+                stop_process(self._proc, immediate=immediate)
                 self._proc = None
 
     def restart(self, *, immediate: bool = False) -> None:

@@ -9,5 +9,5 @@ class EmbeddedPostgresError(StreamingError):
     """The embedded Postgres could not be found, started or reached."""
 
 
-class _PortTaken(EmbeddedPostgresError):
+class PortTaken(EmbeddedPostgresError):
     """Postgres could not bind its port: another process has it."""

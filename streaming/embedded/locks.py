@@ -13,16 +13,16 @@ from streaming.embedded.errors import EmbeddedPostgresError
 from streaming.embedded.process import START_TIMEOUT
 
 
-def _open_lock(path: Path) -> int:
+def open_lock(path: Path) -> int:
     return os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
 
 
-def _lock_file(path: Path, operation: int, waiting_for: str) -> int:
+def lock_file(path: Path, operation: int, waiting_for: str) -> int:
     """An fd of ``path`` holding ``operation`` (LOCK_SH/LOCK_EX), waiting up to START_TIMEOUT."""
-    fd = _open_lock(path)
+    fd = open_lock(path)
     deadline = time.monotonic() + START_TIMEOUT
     try:
-        while not _try_flock(fd, operation):
+        while not try_flock(fd, operation):
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(f"timed out waiting for {waiting_for} ({path})")
             time.sleep(0.02)
@@ -33,15 +33,15 @@ def _lock_file(path: Path, operation: int, waiting_for: str) -> int:
 
 
 @contextlib.contextmanager
-def _locked(path: Path, operation: int, waiting_for: str) -> Iterator[None]:
-    fd = _lock_file(path, operation, waiting_for)
+def locked(path: Path, operation: int, waiting_for: str) -> Iterator[None]:
+    fd = lock_file(path, operation, waiting_for)
     try:
         yield
     finally:
         os.close(fd)
 
 
-def _try_flock(fd: int, operation: int) -> bool:
+def try_flock(fd: int, operation: int) -> bool:
     try:
         fcntl.flock(fd, operation | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -49,13 +49,13 @@ def _try_flock(fd: int, operation: int) -> bool:
     return True
 
 
-def _is_held(path: Path) -> bool:
+def is_held(path: Path) -> bool:
     """Whether some process holds an exclusive lock on ``path``."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     try:
-        return not _try_flock(fd, fcntl.LOCK_SH)
+        return not try_flock(fd, fcntl.LOCK_SH)
     finally:
         os.close(fd)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from streaming.embedded.accounts import Account
-from streaming.embedded.errors import EmbeddedPostgresError, _PortTaken
+from streaming.embedded.errors import EmbeddedPostgresError, PortTaken
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -50,7 +50,7 @@ def _run_as(account: Account | None) -> dict[str, Any]:
     return {"user": account.uid, "group": account.gid, "extra_groups": []}
 
 
-def _run(argv: Sequence[str], account: Account | None = None, *, what: str) -> str:
+def run_command(argv: Sequence[str], account: Account | None = None, *, what: str) -> str:
     try:
         result = subprocess.run(
             list(argv),
@@ -89,7 +89,7 @@ def _die_with_parent(sig: int) -> Callable[[], None] | None:
     return arrange
 
 
-def _spawn_postgres(
+def spawn_postgres(
     bindir: Path,
     cluster: Path,
     port: int,
@@ -115,21 +115,21 @@ def _spawn_postgres(
     )
 
 
-def _await_ready(proc: subprocess.Popen[bytes], cluster: Path, log_path: Path) -> None:
+def await_ready(proc: subprocess.Popen[bytes], cluster: Path, log_path: Path) -> None:
     """Wait until the postmaster ``proc`` says it accepts connections (in postmaster.pid, which
     proves that this process, not another, owns the port)."""
     deadline = time.monotonic() + READY_TIMEOUT
     while not _postmaster_ready(cluster, proc.pid):
         if proc.poll() is not None:
-            tail = _tail(log_path)
+            tail = log_tail(log_path)
             if "Address already in use" in tail:
-                raise _PortTaken(tail)
+                raise PortTaken(tail)
             raise EmbeddedPostgresError(
                 f"postgres exited with code {proc.returncode} while starting; "
                 f"the end of {log_path}:\n{tail}"
             )
         if time.monotonic() > deadline:
-            _stop_process(proc, immediate=True)
+            stop_process(proc, immediate=True)
             raise EmbeddedPostgresError(f"postgres did not start in time; see {log_path}")
         time.sleep(0.01)
 
@@ -142,7 +142,7 @@ def _postmaster_ready(cluster: Path, pid: int) -> bool:
     return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
 
 
-def _stop_process(proc: subprocess.Popen[bytes], *, immediate: bool = False) -> None:
+def stop_process(proc: subprocess.Popen[bytes], *, immediate: bool = False) -> None:
     """Fast shutdown (SIGINT), or immediate (SIGQUIT: like a crash, recovery on next start)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGQUIT if immediate else signal.SIGINT)
@@ -156,7 +156,7 @@ def _stop_process(proc: subprocess.Popen[bytes], *, immediate: bool = False) -> 
         proc.wait()
 
 
-def _tail(path: Path, size: int = 3000) -> str:
+def log_tail(path: Path, size: int = 3000) -> str:
     try:
         with open(path, "rb") as file:
             file.seek(max(0, file.seek(0, os.SEEK_END) - size))
@@ -165,7 +165,7 @@ def _tail(path: Path, size: int = 3000) -> str:
         return ""
 
 
-def _rotate(path: Path) -> None:
+def rotate(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.stat().st_size > LOG_LIMIT:
             os.replace(path, path.with_name(path.name + ".1"))
@@ -175,7 +175,7 @@ _spawner: ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
-def _in_lasting_thread(fn: Callable[[], T]) -> T:
+def in_lasting_thread(fn: Callable[[], T]) -> T:
     """Call ``fn`` from a thread that lives as long as the process.
 
     The parent-death signal fires when the *thread* that forked the child exits, so a server

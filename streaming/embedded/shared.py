@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from streaming.embedded.errors import EmbeddedPostgresError
-from streaming.embedded.locks import _is_held, _lock_file, _locked
+from streaming.embedded.locks import is_held, lock_file, locked
 from streaming.embedded.process import (
     POSTGRES_LOG,
     START_TIMEOUT,
     STOP_TIMEOUT,
-    _rotate,
-    _run,
-    _tail,
+    log_tail,
+    rotate,
+    run_command,
 )
 from streaming.embedded.wire import HOST, SHARED_DATABASE, SUPERUSER, build_url, probe
 
@@ -68,7 +68,7 @@ def ensure_shared_server(data_dir: Path) -> str:
         data_dir.chmod(0o755)
     with _users_lock:
         if data_dir not in _users:
-            _users[data_dir] = _lock_file(
+            _users[data_dir] = lock_file(
                 data_dir / USERS_LOCK, fcntl.LOCK_SH, "the previous server to shut down"
             )
     try:
@@ -96,22 +96,22 @@ def read_state(data_dir: Path) -> SharedState | None:
 
 
 def _running_port(data_dir: Path) -> int | None:
-    if not _is_held(data_dir / SUPERVISOR_LOCK):
+    if not is_held(data_dir / SUPERVISOR_LOCK):
         return None
     state = read_state(data_dir)
     if state is None:
         return None
     status = probe(state.port, SHARED_DATABASE)
     if status == "no-database":  # dropped by hand since the server started
-        _create_database(Path(state.bindir), state.port)
+        create_database(Path(state.bindir), state.port)
         status = "ready"
     return state.port if status == "ready" else None
 
 
 def _start_shared(data_dir: Path) -> int:
-    with _locked(data_dir / START_LOCK, fcntl.LOCK_EX, "another process starting the server"):
+    with locked(data_dir / START_LOCK, fcntl.LOCK_EX, "another process starting the server"):
         deadline = time.monotonic() + STOP_TIMEOUT
-        while _is_held(data_dir / SUPERVISOR_LOCK):  # a supervisor that restarts or stops postgres
+        while is_held(data_dir / SUPERVISOR_LOCK):  # a supervisor that restarts or stops postgres
             port = _running_port(data_dir)
             if port is not None:
                 return port
@@ -126,7 +126,7 @@ def _start_shared(data_dir: Path) -> int:
 
 def _spawn_supervisor(data_dir: Path) -> int:
     log_path = data_dir / SUPERVISOR_LOG
-    _rotate(log_path)
+    rotate(log_path)
     read_fd, write_fd = os.pipe()
     try:
         argv = [sys.executable, "-m", "streaming.embedded", "supervise", str(data_dir)]
@@ -153,7 +153,7 @@ def _spawn_supervisor(data_dir: Path) -> int:
             os.close(write_fd)
     if "port" not in status:
         reason = status.get("error", "the supervisor exited without starting the server")
-        raise EmbeddedPostgresError(f"{reason}\n(the end of {log_path}:)\n{_tail(log_path)}")
+        raise EmbeddedPostgresError(f"{reason}\n(the end of {log_path}:)\n{log_tail(log_path)}")
     if not Path(status["cluster"]).is_relative_to(data_dir):
         log.warning(
             "the Postgres data for %s lives in %s; see %s", data_dir, status["cluster"], log_path
@@ -188,6 +188,6 @@ def _python_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([root, path]) if path else root}
 
 
-def _create_database(bindir: Path, port: int) -> None:
+def create_database(bindir: Path, port: int) -> None:
     createdb = [str(bindir / "createdb"), "-h", HOST, "-p", str(port), "-U", SUPERUSER]
-    _run([*createdb, SHARED_DATABASE], what=f"createdb {SHARED_DATABASE}")
+    run_command([*createdb, SHARED_DATABASE], what=f"createdb {SHARED_DATABASE}")

@@ -22,23 +22,23 @@ from typing import Any
 
 from streaming.embedded.accounts import Account, server_account
 from streaming.embedded.binaries import find_bindir, reachable_bindir
-from streaming.embedded.cluster import SHARED_SETTINGS, _check_major, cluster_dir, init_cluster
-from streaming.embedded.errors import EmbeddedPostgresError, _PortTaken
-from streaming.embedded.locks import _open_lock, _try_flock
+from streaming.embedded.cluster import SHARED_SETTINGS, check_major, cluster_dir, init_cluster
+from streaming.embedded.errors import EmbeddedPostgresError, PortTaken
+from streaming.embedded.locks import open_lock, try_flock
 from streaming.embedded.process import (
     POSTGRES_LOG,
     STOP_TIMEOUT,
-    _await_ready,
-    _rotate,
-    _spawn_postgres,
-    _stop_process,
+    await_ready,
+    rotate,
+    spawn_postgres,
+    stop_process,
 )
 from streaming.embedded.shared import (
     STATE_FILE,
     SUPERVISOR_LOCK,
     USERS_LOCK,
     SharedState,
-    _create_database,
+    create_database,
     read_state,
 )
 from streaming.embedded.wire import HOST, SHARED_DATABASE, free_port, probe
@@ -70,7 +70,7 @@ class _Supervisor:
         if not (cluster / "PG_VERSION").is_file():
             log.info("creating the cluster in %s", cluster)
             init_cluster(cluster, bindir, account, durable=True)
-        _check_major(cluster, bindir)
+        check_major(cluster, bindir)
         supervisor = cls(data_dir, bindir, cluster, account)
         previous = read_state(data_dir)
         supervisor.start([previous.port] if previous else [])
@@ -78,15 +78,15 @@ class _Supervisor:
 
     def start(self, ports: list[int]) -> None:
         _await_exit(self.cluster)
-        _rotate(self.data_dir / POSTGRES_LOG)
+        rotate(self.data_dir / POSTGRES_LOG)
         for port in [*ports, *(free_port() for _ in range(5))]:
-            with contextlib.suppress(_PortTaken):
+            with contextlib.suppress(PortTaken):
                 self._launch(port)
                 break
         else:
             raise EmbeddedPostgresError("could not find a free port for postgres")
         if probe(self.port, SHARED_DATABASE) == "no-database":
-            _create_database(self.bindir, self.port)
+            create_database(self.bindir, self.port)
         assert self.proc is not None
         state = SharedState(
             self.port, os.getpid(), self.proc.pid, str(self.cluster), str(self.bindir)
@@ -98,7 +98,7 @@ class _Supervisor:
         log_path = self.data_dir / POSTGRES_LOG
         with open(log_path, "ab") as log_file:
             # SIGINT is a clean fast shutdown, should this supervisor be killed.
-            proc = _spawn_postgres(
+            proc = spawn_postgres(
                 self.bindir,
                 self.cluster,
                 port,
@@ -107,14 +107,14 @@ class _Supervisor:
                 log_file,
                 signal.SIGINT,
             )
-        _await_ready(proc, self.cluster, log_path)
+        await_ready(proc, self.cluster, log_path)
         self.proc, self.port = proc, port
 
     def serve(self) -> None:
         """Watch postgres and the users until the last user has been gone for IDLE_GRACE."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._request_stop)
-        users_fd = _open_lock(self.data_dir / USERS_LOCK)
+        users_fd = open_lock(self.data_dir / USERS_LOCK)
         restarts = 0
         idle_since: float | None = None
         # Keeps users_fd (and its lock) open until exit: callers arriving now wait for us to finish.
@@ -122,7 +122,7 @@ class _Supervisor:
             if self.proc is not None and self.proc.poll() is not None:
                 restarts += 1
                 self._recover(restarts)
-            if _try_flock(users_fd, fcntl.LOCK_EX):
+            if try_flock(users_fd, fcntl.LOCK_EX):
                 idle_since = idle_since or time.monotonic()
                 if time.monotonic() - idle_since >= IDLE_GRACE:
                     log.info("no users left; stopping")
@@ -147,7 +147,7 @@ class _Supervisor:
         # server.json stays: it is only believed while supervisor.lock is held, and the next
         # supervisor tries its port first, so that the URL stays the same across restarts.
         if self.proc is not None:
-            _stop_process(self.proc)
+            stop_process(self.proc)
             log.info("postgres stopped (exit code %s)", self.proc.returncode)
 
 
@@ -172,8 +172,8 @@ def _await_exit(cluster: Path) -> None:
 def supervise(data_dir: Path, status_fd: int | None) -> int:
     """Run the shared server for ``data_dir`` until its users are gone (``supervise`` command)."""
     data_dir = data_dir.resolve()
-    lock_fd = _open_lock(data_dir / SUPERVISOR_LOCK)
-    if not _try_flock(lock_fd, fcntl.LOCK_EX):
+    lock_fd = open_lock(data_dir / SUPERVISOR_LOCK)
+    if not try_flock(lock_fd, fcntl.LOCK_EX):
         _report(status_fd, {"error": f"another supervisor already runs in {data_dir}"})
         return 1
     try:

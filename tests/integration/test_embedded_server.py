@@ -191,7 +191,7 @@ def holders(data_dir: Path) -> Iterator[Callable[[], Holder]]:
 
 
 def supervisor_running(data_dir: Path) -> bool:
-    return locks._is_held(data_dir / embedded.SUPERVISOR_LOCK)
+    return locks.is_held(data_dir / embedded.SUPERVISOR_LOCK)
 
 
 def test_shared_server_is_reused_and_stops_after_its_last_user_is_killed(
