@@ -21,8 +21,16 @@ def main() -> None:
 
 
 def _needs_database(command: list[str]) -> bool:
-    return bool(command) and command[0] not in ("help", "--help", "-h", "version", "--version",
-                                                 "check", "startapp", "startproject")
+    return bool(command) and command[0] not in (
+        "help",
+        "--help",
+        "-h",
+        "version",
+        "--version",
+        "check",
+        "startapp",
+        "startproject",
+    )
 
 
 if __name__ == "__main__":

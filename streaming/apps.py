@@ -1,11 +1,26 @@
-"""Django app configuration for streaming."""
+"""Django app configuration for streaming: fills the task registry once the models are loaded."""
 
 from __future__ import annotations
 
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 
 
 class StreamingConfig(AppConfig):
     name = "streaming"
     verbose_name = "Streaming tasks"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from streaming import registry
+        from streaming.models import StreamTask
+
+        registry.fill(
+            [
+                m
+                for m in apps.get_models()
+                if issubclass(m, StreamTask)
+                and not m._meta.abstract
+                and not m._meta.proxy
+                and not m._meta.swapped
+            ]
+        )

@@ -57,7 +57,6 @@ def get() -> StreamingSettings:
     return build(dict(getattr(settings, "STREAMING", {}) or {}))
 
 
-
 def from_environ(environ: dict[str, str], prefix: str = "STREAMING_") -> dict[str, Any]:
     """Overrides from environment variables such as ``STREAMING_LEASE_TTL=5``, typed by field."""
     out: dict[str, Any] = {}

@@ -6,23 +6,33 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.core import signing
 
-from streaming import events, log, registry, runtime
+from streaming import context, events, registry, runtime
+from streaming.context import RunContext
 from streaming.db import SyncReader, conninfo_from_django
-from streaming.events import TaskKey
+from streaming.events import CANCELLED_ERROR, Status, TaskKey
 from streaming.exceptions import LeaseLost, TaskNotStarted
+from streaming.hub import Subscription
+from streaming.runs import Enqueued, RunSpec, status_now
 from streaming.writer import Append
-
-if TYPE_CHECKING:
-    from streaming.models import StreamTask
-    from streaming.worker import RunContext
 
 logger = logging.getLogger(__name__)
 
 _SIGNER_SALT = "streaming.stream_url"
+
+
+def run_spec(model: registry.TaskModel, key: TaskKey, settings: Any) -> RunSpec:
+    """What the run store needs to queue a task of ``model``."""
+    return RunSpec(
+        key,
+        model._meta.db_table,
+        model._meta.pk.column,
+        model.max_attempts or settings.MAX_ATTEMPTS,
+        model.timeout or settings.DEFAULT_TASK_TIMEOUT,
+    )
 
 
 class TaskCoordinator:
@@ -34,8 +44,14 @@ class TaskCoordinator:
 
     # -- starting -------------------------------------------------------------------------
 
-    async def start_task(self, task: StreamTask, app_name: str | None = None,
-                         model_name: str | None = None, *, run_here: bool = True) -> None:
+    async def start_task(
+        self,
+        task: Any,
+        app_name: str | None = None,
+        model_name: str | None = None,
+        *,
+        run_here: bool = True,
+    ) -> None:
         """Queue ``task`` durably (idempotent) and try to claim it in this process.
 
         Accepts the seed's ``(task, app, model)`` and ``(task, model)`` forms and ``(task)``.
@@ -43,39 +59,26 @@ class TaskCoordinator:
         key = registry.key_of(task)
         _check_names(key, app_name, model_name)
         rt = await runtime.current()
-        run_id, status = await self._enqueue(rt, type(task), key)
-        if status == "pending":
+        run = await self.enqueue_key(type(task), key)
+        if run.status == Status.PENDING:
             await rt.notifier.flush()  # wake workers now: this loop may end on return
             if run_here:
-                rt.spawn(self._claim_soon(rt, run_id))
+                rt.spawn(self._claim_soon(rt, run.run_id))
 
-    async def enqueue(self, task: StreamTask) -> int:
+    async def enqueue(self, task: Any) -> int:
         """Queue ``task`` for any worker without running it here; returns its run id."""
         rt = await runtime.current()
-        run_id, _ = await self._enqueue(rt, type(task), registry.key_of(task))
+        run = await self.enqueue_key(type(task), registry.key_of(task))
         await rt.notifier.flush()
-        return run_id
+        return run.run_id
 
-    async def enqueue_key(self, cls: type[StreamTask], key: TaskKey) -> tuple[int, str]:
-        """Queue the task ``key`` of model ``cls`` if it never was; (run id, status)."""
+    async def enqueue_key(self, model: registry.TaskModel, key: TaskKey) -> Enqueued:
+        """Queue the task ``key`` of ``model`` if it never was; its run either way."""
         rt = await runtime.current()
-        return await self._enqueue(rt, cls, key)
-
-    async def _enqueue(self, rt: runtime.Runtime, cls: type[StreamTask], key: TaskKey
-                       ) -> tuple[int, str]:
-        row = await rt.db.fetchone("enqueue", {
-            "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id,
-            "db_table": cls._meta.db_table, "pk_column": cls._meta.pk.column,
-            "max_attempts": cls.max_attempts or rt.settings.MAX_ATTEMPTS,
-            "timeout_seconds": cls.timeout or rt.settings.DEFAULT_TASK_TIMEOUT,
-        })
-        assert row is not None
-        run_id, status, _attempt, _last, created = row
-        if created:
-            logger.info("queued task %s (run %s)", key.path, run_id)
-        if status == "pending":
-            rt.notifier.queued(run_id)
-        return run_id, status
+        run = await rt.store.enqueue(run_spec(model, key, rt.settings))
+        if run.created:
+            logger.info("queued task %s (run %s)", key.path, run.run_id)
+        return run
 
     @staticmethod
     async def _claim_soon(rt: runtime.Runtime, run_id: int) -> None:
@@ -85,7 +88,7 @@ class TaskCoordinator:
         await asyncio.sleep(0)
         await rt.worker.claim(run_id)
 
-    async def get_task_instance(self, *args: Any) -> StreamTask | None:
+    async def get_task_instance(self, *args: Any) -> Any:
         """``(app, model, id)`` or ``(model, id)``: the task, started if it never was."""
         app, model_name, task_id = _split_args(args)
         try:
@@ -100,10 +103,8 @@ class TaskCoordinator:
     def is_task_running(self, *args: Any) -> bool:
         """``(app, model, id)`` or ``(model, id)``: started and not finished, on any host."""
         app, model_name, task_id = _split_args(args)
-        key = registry.key_for(app, model_name, task_id)
-        row = self._sync_reader().fetchone("run_status", {
-            "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id})
-        return row is not None and row[0] in ("pending", "running")
+        status = status_now(self._sync_reader(), registry.key_for(app, model_name, task_id))
+        return status is not None and not status.finished
 
     def close(self) -> None:
         """Close this process's sync connection (the async ones close with their runtime)."""
@@ -123,83 +124,65 @@ class TaskCoordinator:
         app, model_name, task_id = _split_args(args)
         key = registry.key_for(app, model_name, task_id)
         rt = await runtime.current()
-        row = await rt.db.fetchone("request_cancel", {
-            "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id})
-        if row is None:
+        target = await rt.store.request_cancel(key)
+        if target is None:
             return False
-        run_id, status, owner, lease_expired = row
-        if status == "pending" or owner is None or lease_expired:
-            out = await rt.db.fetchone("finish_unowned", {
-                "run_id": run_id, "status": "cancelled", "final_value": None,
-                "error": json.dumps({"message": "cancelled", "error_type": "CancelledError"})})
-            if out and out[0] is not None:
-                rt.committed(run_id, out[0])
-        elif not rt.worker.stop_local(run_id, "cancelled"):
-            rt.notifier.cancel(run_id)
+        if not target.held:
+            await rt.store.finish_unowned(target.run_id, Status.CANCELLED, CANCELLED_ERROR)
+        elif not rt.worker.stop_local(target.run_id, "cancelled"):
+            rt.notifier.cancel(target.run_id)
         await rt.notifier.flush()
         return True
 
     # -- writing --------------------------------------------------------------------------
 
-    async def append_event(self, task: StreamTask, event_type: str, data: dict[str, Any]
-                           ) -> int:
+    async def append_event(self, task: Any, event_type: str, data: dict[str, Any]) -> int:
         data_json = events.validate(event_type, data)
+        ctx = _context(task)
         rt = await runtime.current()
-        ctx = self._context(rt, task)
         seq = await rt.appender.append(Append(ctx.run_id, ctx.attempt, event_type, data_json))
         if seq is None:
             raise LeaseLost(f"task {ctx.key.path} attempt {ctx.attempt} no longer holds its run")
         return seq
 
-    async def complete(self, task: StreamTask, final_value: Any = None) -> None:
-        rt = await runtime.current()
-        ctx = self._context(rt, task)
+    async def complete(self, task: Any, final_value: Any = None) -> None:
+        ctx = _context(task)
         if ctx.finished:
             return
         json.dumps(final_value)  # TypeError before anything is written
-        seq = await rt.finish(ctx.run_id, ctx.attempt, "completed", final_value, None)
-        ctx.finished = True
-        if seq is None:
+        rt = await runtime.current()
+        if await rt.worker.finish(ctx, Status.COMPLETED, final_value) is None:
             raise LeaseLost(f"task {ctx.key.path} attempt {ctx.attempt} no longer holds its run")
-
-    def _context(self, rt: runtime.Runtime, task: StreamTask) -> RunContext:
-        ctx: RunContext | None = getattr(task, "_stream_run", None)
-        if ctx is None:
-            key = registry.key_of(task)
-            ctx = next((c for c in rt.worker.running.values() if c.key == key), None)
-        if ctx is None:
-            raise TaskNotStarted(
-                "this task is not running in this process: start it with "
-                "coordinator.start_task(task); events are sent from its process()")
-        return ctx
 
     # -- reading --------------------------------------------------------------------------
 
-    async def history(self, task: StreamTask, after: int = 0) -> list[dict[str, Any]]:
+    async def history(self, task: Any, after: int = 0) -> list[dict[str, Any]]:
         rt = await runtime.current()
-        key = registry.key_of(task)
-        out: list[dict[str, Any]] = []
-        while True:
-            page = await log.read(rt.db, key, after)
-            out.extend(ev.as_message() for ev in page)
-            if len(page) < log.PAGE:
-                return out
-            after = page[-1].seq
+        return [ev.as_message() for ev in await rt.log.read_all(registry.key_of(task), after)]
 
-    async def add_client(self, task: StreamTask, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def subscribe(self, run_id: int, key: TaskKey, after: int) -> Subscription:
+        """Follow a task's events after seq ``after`` (call ``unsubscribe`` when done)."""
+        rt = await runtime.current()
+        return rt.hub.subscribe(run_id, key, after)
+
+    async def add_client(self, task: Any, queue: asyncio.Queue[dict[str, Any]]) -> None:
         """Seed API: the latest event, then every live one, into ``queue``."""
         rt = await runtime.current()
         key = registry.key_of(task)
-        run_id, _ = await self._enqueue(rt, type(task), key)
-        last = await log.read_last(rt.db, key)
+        run = await self.enqueue_key(type(task), key)
+        last = await rt.log.read_last(key)
         if last is not None:
             queue.put_nowait(last.as_message())
-        sub = rt.hub.subscribe(run_id, key, last.seq if last else 0)
+        sub = rt.hub.subscribe(run.run_id, key, last.seq if last else 0)
         self._clients[id(queue)] = rt.spawn(self._pump(rt, sub, queue, last))
 
     @staticmethod
-    async def _pump(rt: runtime.Runtime, sub: Any, queue: asyncio.Queue[dict[str, Any]],
-                    last: events.Event | None) -> None:
+    async def _pump(
+        rt: runtime.Runtime,
+        sub: Subscription,
+        queue: asyncio.Queue[dict[str, Any]],
+        last: events.Event | None,
+    ) -> None:
         try:
             if last is not None and last.is_terminal:
                 return
@@ -209,8 +192,7 @@ class TaskCoordinator:
         finally:
             rt.hub.unsubscribe(sub)
 
-    async def remove_client(self, task: StreamTask, queue: asyncio.Queue[dict[str, Any]]
-                            ) -> None:
+    async def remove_client(self, task: Any, queue: asyncio.Queue[dict[str, Any]]) -> None:
         pump = self._clients.pop(id(queue), None)
         if pump is not None:
             pump.cancel()
@@ -219,9 +201,9 @@ class TaskCoordinator:
 
     # -- URLs -----------------------------------------------------------------------------
 
-    def stream_url(self, task: StreamTask, signed: bool = False) -> str:
+    def stream_url(self, task: Any, signed: bool = False) -> str:
         key = registry.key_of(task)
-        path = f"/stream/{key.path}"
+        path = key.stream_path
         if signed:
             path += "?token=" + signing.Signer(salt=_SIGNER_SALT).sign(key.path).split(":")[-1]
         return path
@@ -233,6 +215,17 @@ class TaskCoordinator:
         except signing.BadSignature:
             return False
         return True
+
+
+def _context(task: Any) -> RunContext:
+    """The run ``task``'s own ``process()`` holds; TaskNotStarted anywhere else."""
+    ctx = context.current()
+    if ctx is None or ctx.key != registry.key_of(task):
+        raise TaskNotStarted(
+            f"{type(task).__name__} {task.pk}: events are sent from inside the task's own "
+            "process(), while a worker runs it; start it with coordinator.start_task(task)"
+        )
+    return ctx
 
 
 def _check_names(key: TaskKey, app_name: str | None, model_name: str | None) -> None:

@@ -67,7 +67,6 @@ async def retrying(op: Callable[[], Awaitable[Any]], deadline: float) -> Any:
             delay = min(delay * 2, 2.0)
 
 
-
 class Database:
     """A small async pool bound to one event loop; every statement is named."""
 
@@ -75,9 +74,15 @@ class Database:
         self.conninfo = conninfo
         self.queries_run = 0
         self._pool = AsyncConnectionPool(
-            conninfo, min_size=min_size, max_size=max_size, open=False,
-            kwargs={"autocommit": True}, check=AsyncConnectionPool.check_connection,
-            reconnect_timeout=0, timeout=10, name="streaming",
+            conninfo,
+            min_size=min_size,
+            max_size=max_size,
+            open=False,
+            kwargs={"autocommit": True},
+            check=AsyncConnectionPool.check_connection,
+            reconnect_timeout=0,
+            timeout=10,
+            name="streaming",
         )
 
     async def open(self) -> None:
@@ -85,10 +90,6 @@ class Database:
 
     async def close(self) -> None:
         await self._pool.close(timeout=2)
-
-    @property
-    def max_size(self) -> int:
-        return self._pool.max_size
 
     async def fetchall(self, name: str, params: Params | None = None) -> list[Row]:
         async with translated_errors(), self._pool.connection() as conn:
@@ -105,22 +106,11 @@ class Database:
             await conn.execute(queries.get(name), params)
             self.queries_run += 1
 
-    async def run_in_transaction(self, steps: list[tuple[str, Params]]) -> list[list[Row]]:
-        """Run named statements in one transaction; the rows of each."""
-        out: list[list[Row]] = []
-        async with translated_errors(), self._pool.connection() as conn, conn.transaction():
-            for name, params in steps:
-                cur = await conn.execute(queries.get(name), params)
-                self.queries_run += 1
-                out.append(await cur.fetchall() if cur.description else [])
-        return out
-
-    async def delete_task(self, run_id: int, app_label: str, model_name: str, task_id: int,
-                          db_table: str, pk_column: str) -> None:
+    async def delete_task(self, run_id: int, ident: Params, db_table: str, pk_column: str) -> None:
         """Delete a task's events, run and own row in one transaction."""
-        ident = {"app_label": app_label, "model_name": model_name, "task_id": task_id}
         row_delete = psycopg.sql.SQL("DELETE FROM {} WHERE {} = %(task_id)s").format(
-            psycopg.sql.Identifier(db_table), psycopg.sql.Identifier(pk_column))
+            psycopg.sql.Identifier(db_table), psycopg.sql.Identifier(pk_column)
+        )
         async with translated_errors(), self._pool.connection() as conn, conn.transaction():
             await conn.execute(queries.get("delete_events"), ident)
             await conn.execute(queries.get("delete_run"), {"run_id": run_id})
@@ -140,8 +130,11 @@ class Listener:
             # application_name lets operators (and the fault tests) find this process's
             # LISTEN connection in pg_stat_activity, e.g. to pg_terminate_backend it.
             conn = await psycopg.AsyncConnection.connect(
-                self.conninfo, autocommit=True, connect_timeout=max(1, int(timeout)),
-                application_name=f"{LISTENER_APP_NAME}:{os.getpid()}")
+                self.conninfo,
+                autocommit=True,
+                connect_timeout=max(1, int(timeout)),
+                application_name=f"{LISTENER_APP_NAME}:{os.getpid()}",
+            )
             listen = psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel))
             await conn.execute(listen)
         self._conn = conn
@@ -161,10 +154,6 @@ class Listener:
                 await asyncio.wait_for(self._conn.execute(b"SELECT 1"), timeout)
         except TimeoutError as exc:
             raise DatabaseUnavailable("LISTEN connection did not answer") from exc
-
-    async def backend_pid(self) -> int:
-        assert self._conn is not None
-        return self._conn.info.backend_pid
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import re
@@ -13,9 +14,27 @@ from streaming.exceptions import InvalidEventData, InvalidEventType
 
 EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 TERMINAL_EVENT = "end"
-STATUSES = ("pending", "running", "completed", "failed", "cancelled")
-FINISHED = frozenset({"completed", "failed", "cancelled"})
 _ZERO = timedelta(0)
+
+
+class Status(enum.StrEnum):
+    """A task's run state (after django-tasks' ``TaskResultStatus``); a ``str`` in JSON and SQL."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+#: The error a cancelled task finishes with (its ``cancelled`` event and ``error`` field).
+CANCELLED_ERROR: dict[str, str] = {"message": "cancelled", "error_type": "CancelledError"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +48,16 @@ class TaskKey:
     @property
     def path(self) -> str:
         return f"{self.app_label}/{self.model_name}/{self.task_id}"
+
+    @property
+    def stream_path(self) -> str:
+        """The URL path of this task's SSE stream: built here, and nowhere else."""
+        return f"/stream/{self.path}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The SQL parameters that name this task (``%(app_label)s`` and so on)."""
+        return {"app_label": self.app_label, "model_name": self.model_name, "task_id": self.task_id}
 
 
 class Event:
@@ -50,7 +79,10 @@ class Event:
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Event) and (self.seq, self.type, self.frame) == (
-            other.seq, other.type, other.frame)
+            other.seq,
+            other.type,
+            other.frame,
+        )
 
     def __hash__(self) -> int:
         return hash((self.seq, self.type, self.frame))
@@ -67,16 +99,13 @@ class Event:
     def as_message(self) -> dict[str, Any]:
         """The seed's in-process queue item."""
         data = self.payload()
-        return {"type": self.type, "data": data, "timestamp": data["_timestamp"],
-                "seq": self.seq}
+        return {"type": self.type, "data": data, "timestamp": data["_timestamp"], "seq": self.seq}
 
 
 def validate(event_type: object, data: object) -> str:
     """Check an event before anything is written; returns the data as JSON text."""
     if not isinstance(event_type, str) or not EVENT_TYPE_RE.fullmatch(event_type):
-        raise InvalidEventType(
-            f"event_type must match [A-Za-z0-9_.:-]{{1,64}}, got {event_type!r}"
-        )
+        raise InvalidEventType(f"event_type must match [A-Za-z0-9_.:-]{{1,64}}, got {event_type!r}")
     if not isinstance(data, dict):
         raise InvalidEventData(f"event data must be a dict, got {type(data).__name__}")
     try:
@@ -102,12 +131,15 @@ def meta_prefix(key: TaskKey) -> str:
     The log's ``read_frames`` query composes frames in SQL from this prefix: keep the two
     formats identical (the benchmark checks them against each other).
     """
-    return (f'"_task_id": {key.task_id}, "_app": {json.dumps(key.app_label)}, '
-            f'"_model": {json.dumps(key.model_name)}, "_timestamp": "')
+    return (
+        f'"_task_id": {key.task_id}, "_app": {json.dumps(key.app_label)}, '
+        f'"_model": {json.dumps(key.model_name)}, "_timestamp": "'
+    )
 
 
-def build(key: TaskKey, seq: int, event_type: str, data_json: str, created_at: datetime,
-          attempt: int = 0) -> Event:
+def build(
+    key: TaskKey, seq: int, event_type: str, data_json: str, created_at: datetime, attempt: int = 0
+) -> Event:
     """An Event from a log row's fields; the SSE frame is composed here, once per event.
 
     ``data_json`` is the stored data text (jsonb's rendering). ``attempt`` is accepted for the
@@ -122,7 +154,7 @@ def build(key: TaskKey, seq: int, event_type: str, data_json: str, created_at: d
 def _sse_data(frame: bytes) -> str:
     text = frame.decode()
     start = text.index("\ndata: ") + len("\ndata: ")
-    return text[start:text.index("\n", start)]
+    return text[start : text.index("\n", start)]
 
 
 def retry_frame(retry_ms: int) -> bytes:

@@ -23,8 +23,24 @@ class TaskNotStarted(StreamingError):
     """The task has no run yet, so it has nothing to report."""
 
 
-class UnknownTaskModel(StreamingError, LookupError):
+class NotFound(StreamingError, LookupError):
+    """Nothing the caller may see by that name: over HTTP, always the same 404."""
+
+
+class UnknownTaskModel(NotFound):
     """An app/model pair that is not a concrete StreamTask subclass."""
+
+
+class TaskNotFound(NotFound):
+    """No task with that id (or its row was deleted while it was queued)."""
+
+
+class InvalidFields(StreamingError, ValueError):
+    """Field values for a new task that its model refuses; ``errors`` maps field to messages."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__("invalid fields")
+        self.errors = errors
 
 
 class DatabaseUnavailable(StreamingError):

@@ -5,16 +5,39 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from streaming import log
-from streaming.db import Database, Listener
 from streaming.events import Event, TaskKey
 from streaming.exceptions import DatabaseUnavailable
 from streaming.notifier import decode
 
 logger = logging.getLogger(__name__)
+
+
+class LogReader(Protocol):
+    """What the hub reads of the event log: a page of a task's events after a seq."""
+
+    page: int
+
+    async def read(self, key: TaskKey, after: int, limit: int = ...) -> list[Event]: ...
+
+
+#: Each run's last seq, from the run store (the poll that covers lost notifications).
+LastSeqs = Callable[[Sequence[int]], Awaitable[dict[int, int]]]
+
+
+class Listener(Protocol):
+    """One LISTEN connection (``streaming.db.Listener``)."""
+
+    async def connect(self, timeout: float = ...) -> None: ...
+
+    def payloads(self, timeout: float) -> AsyncIterator[str]: ...
+
+    async def ping(self, timeout: float) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class Subscription:
@@ -97,14 +120,14 @@ class Subscription:
         seen = self.latest
         while True:
             try:
-                batch = await log.read(self.hub.db, self.topic.key, self.last)
+                batch = await self.hub.log.read(self.topic.key, self.last)
                 break
             except DatabaseUnavailable:
                 if self.closed:
                     return []
                 await asyncio.sleep(0.5)  # the log is the truth; wait for it to come back
         end = batch[-1].seq if batch else self.last
-        if len(batch) == log.PAGE:
+        if len(batch) == self.hub.log.page:
             self.latest = max(self.latest, end + 1)
         elif self.latest == seen:
             self.latest = end  # nothing announced meanwhile: the log says where we are
@@ -129,10 +152,21 @@ class Hub:
     encoded once. A lost notification costs latency only: the hub polls the log.
     """
 
-    def __init__(self, db: Database, listener: Listener, *, buffer: int = 1024,
-                 health_interval: float = 2.0, poll_interval: float = 5.0) -> None:
-        self.db = db
+    def __init__(
+        self,
+        log: LogReader,
+        last_seqs: LastSeqs,
+        listener: Listener,
+        *,
+        buffer: int = 1024,
+        health_interval: float = 2.0,
+        poll_interval: float = 5.0,
+        origin: str = "",
+    ) -> None:
+        self.log = log
+        self.last_seqs = last_seqs
         self.listener = listener
+        self.origin = origin
         self.buffer = buffer
         self.health_interval = health_interval
         self.poll_interval = poll_interval
@@ -198,7 +232,7 @@ class Hub:
                 start = topic.fetched
                 if start < 0:
                     start = max(sub.last for sub in topic.subs)
-                batch = await log.read(self.db, topic.key, start)
+                batch = await self.log.read(topic.key, start)
                 self.fetches += 1
                 if not batch:
                     topic.fetched = max(start, topic.fetched)
@@ -207,15 +241,18 @@ class Hub:
                 for sub in list(topic.subs):
                     sub.offer(batch)
         except DatabaseUnavailable:
-            logger.warning("reading run %s for subscribers failed; the poll will retry",
-                           topic.run_id)
+            logger.warning(
+                "reading run %s for subscribers failed; the poll will retry", topic.run_id
+            )
             for sub in list(topic.subs):
                 sub.poke(topic.target)
 
     def _dispatch(self, payload: str) -> None:
         msg = decode(payload)
-        for run_id, seq in msg.events.items():
-            self.committed(run_id, seq)
+        if not self.origin or msg.origin != self.origin:
+            # Our own commits were announced to us directly: their echo would be a no-op.
+            for run_id, seq in msg.events.items():
+                self.committed(run_id, seq)
         for run_id in msg.queued:
             self.on_queued(run_id)
         for run_id in msg.cancels:
@@ -261,9 +298,17 @@ class Hub:
         """Read each subscribed run's last seq and fetch what was not announced."""
         if not self._topics:
             return
-        rows = await self.db.fetchall("last_seqs", {"run_ids": list(self._topics)})
-        for run_id, last_seq, _status in rows:
+        last = await self.last_seqs(list(self._topics))
+        for run_id, last_seq in last.items():
             self.committed(run_id, last_seq)
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "listener_reconnects_total": self.reconnects,
+            "listener_up": int(self.listening),
+            "hub_fetches_total": self.fetches,
+            "hub_subscribers": self.subscriber_count,
+        }
 
     async def aclose(self) -> None:
         for topic in list(self._topics.values()):

@@ -1,11 +1,12 @@
-"""Reading the event log: rows to Event values, one page at a time, recent local rows first."""
+"""The event log: reads (one page at a time, recent local rows first, the next page ahead)
+and the announcement of every commit (local subscribers once, other processes by NOTIFY)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
@@ -14,6 +15,7 @@ from streaming import events
 from streaming.db import Database, Row
 from streaming.events import Event, TaskKey
 from streaming.exceptions import DatabaseUnavailable
+from streaming.notifier import Notifier
 
 PAGE = 1000
 
@@ -23,33 +25,95 @@ def to_event(key: TaskKey, row: Row) -> Event:
     return events.build(key, seq, event_type, data_json, created_at, attempt)
 
 
-async def read(db: Database, key: TaskKey, after: int, limit: int = PAGE) -> list[Event]:
-    """Events of one task with seq > ``after``, in seq order, at most ``limit``."""
-    cached = recent(db).read(key, after, limit)
-    if cached is not None:
-        return cached
-    ahead = read_ahead(db)
-    page = await ahead.take(key, after, limit)
-    if page is None:
-        page = await _fetch(db, key, after, limit)
-    if len(page) == limit:
-        ahead.start(key, page[-1].seq, limit)
-    return page
+class EventLog:
+    """One process's (one event loop's) view of ``streaming_taskevent``.
+
+    ``committed`` is the one announcement of a commit, whichever path wrote it (an append,
+    a claim's ``retry``, a finish): it updates the recent rows, wakes the local watchers
+    (the hub) once, and schedules the NOTIFY that tells the other processes.
+    """
+
+    page = PAGE
+
+    def __init__(self, db: Database, notifier: Notifier) -> None:
+        self.db = db
+        self.notifier = notifier
+        self.recent = Recent()
+        self.ahead = ReadAhead(db)
+        self._watchers: list[Callable[[int, int], None]] = []
+
+    def watch(self, callback: Callable[[int, int], None]) -> None:
+        """Call ``callback(run_id, seq)`` on every commit announced in this process."""
+        self._watchers.append(callback)
+
+    def record(
+        self,
+        run_id: int,
+        key: TaskKey,
+        seq: int,
+        event_type: str,
+        data_json: str,
+        created_at: datetime,
+        attempt: int,
+    ) -> None:
+        """A row this process just committed, before its commit is announced."""
+        self.recent.add(run_id, key, seq, event_type, data_json, created_at, attempt)
+
+    def committed(self, run_id: int, seq: int) -> None:
+        """Rows up to ``seq`` of the run are committed: tell local watchers and other hosts."""
+        self.recent.committed(run_id, seq)
+        for watcher in self._watchers:
+            watcher(run_id, seq)
+        self.notifier.events_committed(run_id, seq)
+
+    def requeued(self, run_id: int) -> None:
+        """The run is queued (new, or released): it may run elsewhere next; wake workers."""
+        self.recent.forget(run_id)
+        self.notifier.queued(run_id)
+
+    async def read(self, key: TaskKey, after: int, limit: int = PAGE) -> list[Event]:
+        """Events of one task with seq > ``after``, in seq order, at most ``limit``."""
+        cached = self.recent.read(key, after, limit)
+        if cached is not None:
+            return cached
+        page = await self.ahead.take(key, after, limit)
+        if page is None:
+            page = await _fetch(self.db, key, after, limit)
+        if len(page) == limit:
+            self.ahead.start(key, page[-1].seq, limit)
+        return page
+
+    async def read_last(self, key: TaskKey) -> Event | None:
+        row = await self.db.fetchone("read_last_event", key.params)
+        return to_event(key, row) if row else None
+
+    async def read_all(self, key: TaskKey, after: int = 0) -> list[Event]:
+        """Every event after ``after``, page by page."""
+        out: list[Event] = []
+        while True:
+            page = await self.read(key, after)
+            out.extend(page)
+            if len(page) < PAGE:
+                return out
+            after = page[-1].seq
+
+    async def event_types(self, key: TaskKey) -> list[str]:
+        rows = await self.db.fetchall("event_types", key.params)
+        return [row[0] for row in rows]
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "log_recent_hits_total": self.recent.hits,
+            "log_readahead_hits_total": self.ahead.hits,
+        }
 
 
 async def _fetch(db: Database, key: TaskKey, after: int, limit: int) -> list[Event]:
-    rows = await db.fetchall("read_frames", {
-        "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id,
-        "after": after, "limit": limit, "meta": events.meta_prefix(key),
-    })
+    rows = await db.fetchall(
+        "read_frames",
+        {**key.params, "after": after, "limit": limit, "meta": events.meta_prefix(key)},
+    )
     return [Event(seq, event_type, frame.encode()) for seq, event_type, frame in rows]
-
-
-async def read_last(db: Database, key: TaskKey) -> Event | None:
-    row = await db.fetchone("read_last_event", {
-        "app_label": key.app_label, "model_name": key.model_name, "task_id": key.task_id,
-    })
-    return to_event(key, row) if row else None
 
 
 @dataclass
@@ -79,8 +143,7 @@ class Recent:
     could add after taking the run over cannot be hidden. Anything else reads the table.
     """
 
-    def __init__(self, per_task: int = 256, max_bytes: int = 8 << 20,
-                 max_age: float = 2.0) -> None:
+    def __init__(self, per_task: int = 256, max_bytes: int = 8 << 20, max_age: float = 2.0) -> None:
         self.per_task = per_task
         self.max_bytes = max_bytes
         self.max_age = max_age
@@ -89,8 +152,16 @@ class Recent:
         self._keys: dict[int, TaskKey] = {}  # run id -> its window's key
         self._bytes = 0
 
-    def add(self, run_id: int, key: TaskKey, seq: int, event_type: str, data_json: str,
-            created_at: datetime, attempt: int) -> None:
+    def add(
+        self,
+        run_id: int,
+        key: TaskKey,
+        seq: int,
+        event_type: str,
+        data_json: str,
+        created_at: datetime,
+        attempt: int,
+    ) -> None:
         """A row this process just committed (before the commit is announced)."""
         window = self._windows.get(key)
         if window is None or window.run_id != run_id or seq != window.last + 1:
@@ -163,8 +234,9 @@ class ReadAhead:
         self.slots = slots
         self.max_age = max_age
         self.hits = 0
-        self._pages: OrderedDict[tuple[TaskKey, int, int], tuple[float, asyncio.Task[
-            list[Event]]]] = OrderedDict()
+        self._pages: OrderedDict[
+            tuple[TaskKey, int, int], tuple[float, asyncio.Task[list[Event]]]
+        ] = OrderedDict()
 
     def start(self, key: TaskKey, after: int, limit: int) -> None:
         slot = (key, after, limit)
@@ -199,23 +271,3 @@ def _retrieve(task: asyncio.Task[list[Event]]) -> None:
     # A page nobody came for: its error (the database went away meanwhile) is nobody's.
     if not task.cancelled():
         task.exception()
-
-
-_recent: weakref.WeakKeyDictionary[Database, Recent] = weakref.WeakKeyDictionary()
-_aheads: weakref.WeakKeyDictionary[Database, ReadAhead] = weakref.WeakKeyDictionary()
-
-
-def recent(db: Database) -> Recent:
-    """The recent rows committed through ``db`` (one pool per runtime, so per event loop)."""
-    memory = _recent.get(db)
-    if memory is None:
-        memory = _recent[db] = Recent()
-    return memory
-
-
-def read_ahead(db: Database) -> ReadAhead:
-    """The pages read ahead through ``db``."""
-    ahead = _aheads.get(db)
-    if ahead is None:
-        ahead = _aheads[db] = ReadAhead(db)
-    return ahead

@@ -6,9 +6,14 @@ import asyncio
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, ClassVar
 
+from asgiref.sync import async_to_sync
 from django.db import models
 
-STATUS_CHOICES = [(s, s) for s in ("pending", "running", "completed", "failed", "cancelled")]
+from streaming import registry
+from streaming.coordinator import coordinator
+from streaming.events import Status
+
+STATUS_CHOICES = [(s.value, s.value) for s in Status]
 
 
 class StreamTask(models.Model):
@@ -19,8 +24,9 @@ class StreamTask(models.Model):
     completed_at = models.DateTimeField(null=True, blank=True)
     final_value = models.JSONField(null=True, blank=True)
     # Run state, mirrored from streaming_taskrun by a trigger in the same transaction.
-    status = models.CharField(max_length=16, choices=STATUS_CHOICES, default="pending",
-                              editable=False)
+    status = models.CharField(
+        max_length=16, choices=STATUS_CHOICES, default="pending", editable=False
+    )
     attempt = models.PositiveIntegerField(default=0, editable=False)
     started_at = models.DateTimeField(null=True, blank=True, editable=False)
     error = models.JSONField(null=True, blank=True, editable=False)
@@ -31,6 +37,9 @@ class StreamTask(models.Model):
     timeout: ClassVar[float | None] = None
     #: Whether ``POST /tasks/{app}/{model}`` may create tasks of this model.
     allow_http_create: ClassVar[bool] = False
+    #: Whether the HTTP API shows this model's tasks only with a ``?token=`` from
+    #: ``stream_url(signed=True)``; without one they get the same 404 as an unknown task.
+    require_signed_url: ClassVar[bool] = False
 
     class Meta:
         abstract = True
@@ -41,14 +50,10 @@ class StreamTask(models.Model):
 
     async def send_event(self, event_type: str, data: dict[str, Any]) -> int:
         """Append an event to this task's log; durable when it returns. Returns its seq."""
-        from streaming.coordinator import coordinator
-
         return await coordinator.append_event(self, event_type, data)
 
     async def mark_completed(self, final_value: Any = None) -> None:
         """Finish the task now as completed with ``final_value`` (the coordinator calls it)."""
-        from streaming.coordinator import coordinator
-
         await coordinator.complete(self, final_value)
 
     async def process_generator(self, generator: AsyncGenerator[dict[str, Any], None]) -> Any:
@@ -59,8 +64,7 @@ class StreamTask(models.Model):
             last = item
         return last
 
-    async def process_sync_generator(self, generator: Generator[dict[str, Any], None, None]
-                                     ) -> Any:
+    async def process_sync_generator(self, generator: Generator[dict[str, Any], None, None]) -> Any:
         """Like process_generator for a sync generator, whose ``next()`` runs in a thread."""
         done = object()
         last = None
@@ -74,37 +78,25 @@ class StreamTask(models.Model):
 
     async def add_client(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         """Feed ``queue`` with the latest event, then every live one (seed API)."""
-        from streaming.coordinator import coordinator
-
         await coordinator.add_client(self, queue)
 
     async def remove_client(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
-        from streaming.coordinator import coordinator
-
         await coordinator.remove_client(self, queue)
 
     def stream_url(self, signed: bool = False) -> str:
         """The path of this task's SSE stream (``signed`` adds a token, see README)."""
-        from streaming.coordinator import coordinator
-
         return coordinator.stream_url(self, signed=signed)
 
     async def acancel(self) -> bool:
         """Ask for this task to be cancelled, wherever it runs. False if already finished."""
-        from streaming.coordinator import coordinator
-
-        meta = type(self)._meta
-        return await coordinator.cancel_task(meta.app_label, meta.object_name or "", self.pk)
+        key = registry.key_of(self)
+        return await coordinator.cancel_task(key.app_label, key.model_name, key.task_id)
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
         """The logged events after seq ``after``, as seed queue items (sync)."""
-        from asgiref.sync import async_to_sync
-
         return async_to_sync(self.aevents)(after)
 
     async def aevents(self, after: int = 0) -> list[dict[str, Any]]:
-        from streaming.coordinator import coordinator
-
         return await coordinator.history(self, after)
 
     @classmethod

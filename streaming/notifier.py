@@ -6,7 +6,6 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from streaming import log
 from streaming.db import Database
 from streaming.exceptions import DatabaseUnavailable
 
@@ -18,16 +17,24 @@ MAX_PAYLOAD = 7000
 
 @dataclass
 class Message:
-    """One parsed notification: new events (run id -> last seq), queued runs, cancels."""
+    """One parsed notification: new events (run id -> last seq), queued runs, cancels.
+
+    ``origin`` names the sender (one per event loop's runtime), so that a process can skip
+    the echo of its own commits, which it has announced to itself already.
+    """
 
     events: dict[int, int] = field(default_factory=dict)
     queued: list[int] = field(default_factory=list)
     cancels: list[int] = field(default_factory=list)
+    origin: str = ""
 
 
-def encode(events: dict[int, int], queued: list[int], cancels: list[int]) -> list[str]:
-    """Payloads like ``e 12=7,13=9``, ``q 12,14``, ``c 12``, each under MAX_PAYLOAD bytes."""
+def encode(
+    events: dict[int, int], queued: list[int], cancels: list[int], origin: str = ""
+) -> list[str]:
+    """Payloads like ``e/ORIGIN 12=7,13=9``, ``q 12,14``, ``c 12``, under MAX_PAYLOAD bytes."""
     out: list[str] = []
+    tag = f"/{origin}" if origin else ""
     for prefix, items in (
         ("e", [f"{run}={seq}" for run, seq in events.items()]),
         ("q", [str(run) for run in queued]),
@@ -37,19 +44,20 @@ def encode(events: dict[int, int], queued: list[int], cancels: list[int]) -> lis
         size = 0
         for item in items:
             if chunk and size + len(item) + 1 > MAX_PAYLOAD:
-                out.append(f"{prefix} {','.join(chunk)}")
+                out.append(f"{prefix}{tag} {','.join(chunk)}")
                 chunk, size = [], 0
             chunk.append(item)
             size += len(item) + 1
         if chunk:
-            out.append(f"{prefix} {','.join(chunk)}")
+            out.append(f"{prefix}{tag} {','.join(chunk)}")
     return out
 
 
 def decode(payload: str) -> Message:
     """Parse one payload; anything malformed is ignored (listeners re-read the log anyway)."""
-    msg = Message()
-    kind, _, body = payload.partition(" ")
+    head, _, body = payload.partition(" ")
+    kind, _, origin = head.partition("/")
+    msg = Message(origin=origin)
     try:
         if kind == "e":
             for item in body.split(","):
@@ -73,9 +81,10 @@ class Notifier:
     notification lost to a crash in between costs latency only: listeners poll the log.
     """
 
-    def __init__(self, db: Database, channel: str, delay: float) -> None:
+    def __init__(self, db: Database, channel: str, delay: float, origin: str = "") -> None:
         self.db = db
         self.channel = channel
+        self.origin = origin
         self.delay = delay
         self.sent = 0
         self._events: dict[int, int] = {}
@@ -84,13 +93,11 @@ class Notifier:
         self._task: asyncio.Task[None] | None = None
 
     def events_committed(self, run_id: int, seq: int) -> None:
-        log.recent(self.db).committed(run_id, seq)
         if seq > self._events.get(run_id, 0):
             self._events[run_id] = seq
         self._schedule()
 
     def queued(self, run_id: int) -> None:
-        log.recent(self.db).forget(run_id)  # released or requeued: it may run elsewhere next
         self._queued.append(run_id)
         self._schedule()
 
@@ -98,11 +105,14 @@ class Notifier:
         self._cancels.append(run_id)
         self._schedule()
 
+    def counters(self) -> dict[str, int]:
+        return {"notifications_sent_total": self.sent}
+
     async def flush(self) -> None:
         """Send whatever is pending now."""
         events, queued, cancels = self._events, self._queued, self._cancels
         self._events, self._queued, self._cancels = {}, [], []
-        for payload in encode(events, queued, cancels):
+        for payload in encode(events, queued, cancels, self.origin):
             try:
                 await self.db.execute("notify", {"channel": self.channel, "payload": payload})
                 self.sent += 1

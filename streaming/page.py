@@ -103,6 +103,8 @@ def render(key: TaskKey, stream_url: str, extra_types: tuple[str, ...] = ()) -> 
     """The page for one task, following ``stream_url``."""
     title = html.escape(f"{key.model_name} #{key.task_id}")
     types = list(dict.fromkeys(KNOWN_TYPES + extra_types))
-    return (_TEMPLATE.replace("__TITLE__", title)
-            .replace("__STREAM_URL__", json.dumps(stream_url))
-            .replace("__TYPES__", json.dumps(types)))
+    return (
+        _TEMPLATE.replace("__TITLE__", title)
+        .replace("__STREAM_URL__", json.dumps(stream_url))
+        .replace("__TYPES__", json.dumps(types))
+    )

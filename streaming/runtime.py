@@ -1,21 +1,39 @@
-"""The per-event-loop machinery: pool, writer, notifier, hub and worker, built lazily."""
+"""The per-event-loop machinery: pool, event log, run store, writer, hub and worker.
+
+Everything here is bound to the event loop that built it, and talks to any other loop (a
+worker on a loop of its own, another process) only through Postgres: the log, the run table
+and NOTIFY. So a second runtime on another loop is a complete, independent participant.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import uuid
 import weakref
+from collections.abc import Coroutine
 from typing import Any
 
-from streaming import conf
-from streaming.db import Database, Listener, conninfo_from_django, retrying
+from streaming import conf, orm
+from streaming.db import Database, Listener, conninfo_from_django
 from streaming.hub import Hub
+from streaming.log import EventLog
 from streaming.notifier import Notifier
-from streaming.worker import Worker
+from streaming.runs import RunStore
+from streaming.worker import Worker, WorkerSettings
 from streaming.writer import Appender
 
 logger = logging.getLogger(__name__)
+
+
+def worker_settings(settings: conf.StreamingSettings) -> WorkerSettings:
+    return WorkerSettings(
+        lease_ttl=settings.LEASE_TTL,
+        heartbeat_interval=settings.HEARTBEAT_INTERVAL,
+        concurrency=settings.WORKER_CONCURRENCY,
+        poll_interval=settings.WORKER_POLL_INTERVAL,
+        finish_retry_for=settings.LEASE_TTL,
+    )
 
 
 class Runtime:
@@ -23,16 +41,25 @@ class Runtime:
 
     def __init__(self, settings: conf.StreamingSettings, conninfo: str) -> None:
         self.settings = settings
-        self.conninfo = conninfo
+        origin = uuid.uuid4().hex[:8]
         self.db = Database(conninfo, settings.POOL_MIN_SIZE, settings.POOL_MAX_SIZE)
-        self.notifier = Notifier(self.db, settings.CHANNEL, settings.NOTIFY_DELAY)
-        self.hub = Hub(self.db, Listener(conninfo, settings.CHANNEL),
-                       buffer=settings.SUBSCRIBER_BUFFER,
-                       health_interval=settings.LISTEN_HEALTH_INTERVAL,
-                       poll_interval=settings.HUB_POLL_INTERVAL)
-        self.appender = Appender(self.db, self.committed, settings.GROUP_COMMIT_MAX_BATCH,
-                                 settings.LEASE_TTL)
-        self.worker = Worker(self)
+        self.notifier = Notifier(self.db, settings.CHANNEL, settings.NOTIFY_DELAY, origin)
+        self.log = EventLog(self.db, self.notifier)
+        self.store = RunStore(self.db, self.log)
+        self.appender = Appender(
+            self.db, self.log, settings.GROUP_COMMIT_MAX_BATCH, settings.LEASE_TTL
+        )
+        self.hub = Hub(
+            self.log,
+            self.store.last_seqs,
+            Listener(conninfo, settings.CHANNEL),
+            buffer=settings.SUBSCRIBER_BUFFER,
+            health_interval=settings.LISTEN_HEALTH_INTERVAL,
+            poll_interval=settings.HUB_POLL_INTERVAL,
+            origin=origin,
+        )
+        self.log.watch(self.hub.committed)
+        self.worker = Worker(self.store, orm.load_task, worker_settings(settings))
         self.hub.on_queued = self.worker.wake
         self.hub.on_cancel = self._cancel_here
         self.background: set[asyncio.Task[Any]] = set()
@@ -44,28 +71,23 @@ class Runtime:
         await self.db.open()
         self.hub.start()
 
-    def committed(self, run_id: int, seq: int) -> None:
-        """Rows up to ``seq`` of a run are committed: tell local subscribers and other hosts."""
-        self.hub.committed(run_id, seq)
-        self.notifier.events_committed(run_id, seq)
-
-    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A background task that is kept referenced until it ends."""
         task = asyncio.get_running_loop().create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
         return task
 
-    async def finish(self, run_id: int, attempt: int, status: str, final_value: Any,
-                     error: dict[str, Any] | None) -> int | None:
-        """Write the terminal events and final state; the last seq, or None if fenced off."""
-        params = {"run_id": run_id, "attempt": attempt, "status": status,
-                  "final_value": _json(final_value), "error": _json(error)}
-        row = await retrying(lambda: self.db.fetchone("finish", params), self.settings.LEASE_TTL)
-        seq = row[0] if row else None
-        if seq is not None:
-            self.committed(run_id, seq)
-        return seq
+    def counters(self) -> dict[str, int]:
+        """Every component's counters, by metric name (``metrics`` renders them)."""
+        return {
+            **self.worker.counters(),
+            **self.hub.counters(),
+            **self.log.counters(),
+            **self.appender.counters(),
+            **self.notifier.counters(),
+            "db_queries_total": self.db.queries_run,
+        }
 
     async def aclose(self, grace: float = 0.0) -> None:
         await self.worker.shutdown(grace)
@@ -77,14 +99,12 @@ class Runtime:
         await self.db.close()
 
 
-def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
-
-
 _runtimes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Runtime] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 _starting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[Runtime]] = (
-    weakref.WeakKeyDictionary())
+    weakref.WeakKeyDictionary()
+)
 
 
 async def current() -> Runtime:
@@ -109,14 +129,6 @@ async def current() -> Runtime:
     fut.set_result(rt)
     del _starting[loop]
     return rt
-
-
-def peek() -> Runtime | None:
-    """This loop's runtime if it exists (no side effect)."""
-    try:
-        return _runtimes.get(asyncio.get_running_loop())
-    except RuntimeError:
-        return None
 
 
 async def shutdown(grace: float = 0.0) -> None:

@@ -15,8 +15,8 @@ import uvicorn
 from asgiref.sync import sync_to_async
 
 from streaming import runtime
+from streaming.orm import discard_broken_django_connections
 from streaming.server import StreamServer, build_app
-from streaming.worker import discard_broken_django_connections
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,16 @@ class Process:
         o = self.options
         app = _with_usable_connections(build_app(self.stream_server))
         config = uvicorn.Config(
-            app, host=o.host or "127.0.0.1", port=o.port or 8888,
-            uds=o.socket, lifespan="off", log_level=o.log_level, access_log=False,
-            timeout_graceful_shutdown=2, loop="none", http="auto",
+            app,
+            host=o.host or "127.0.0.1",
+            port=o.port or 8888,
+            uds=o.socket,
+            lifespan="off",
+            log_level=o.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            loop="none",
+            http="auto",
         )
         self.uvicorn = _QuietServer(config)
         await self.uvicorn.serve()
@@ -108,7 +115,7 @@ def _with_usable_connections(app: Any) -> Any:
     """The ASGI app, with Django's connections checked before each request that may use them.
 
     What Django's own handler does at request start (see
-    ``worker.discard_broken_django_connections``): after a database restart the first
+    ``orm.discard_broken_django_connections``): after a database restart the first
     lookup would otherwise fail with a 500, and so would every later one, for good.
     """
 

@@ -1,4 +1,4 @@
-"""The HTTP API: one small asgineer handler per route, SSE streaming from the hub."""
+"""The HTTP API: routing, and SSE streaming from the hub (one small asgineer handler per route)."""
 
 from __future__ import annotations
 
@@ -7,28 +7,30 @@ import contextlib
 import json
 import logging
 import re
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import asgineer
-from asgiref.sync import sync_to_async
-from django.core.exceptions import FieldDoesNotExist, ValidationError
 from django.db import OperationalError as DjangoOperationalError
 
-from streaming import events, log, page, registry, runtime
+from streaming import creation, events, metrics, page, registry, runtime
 from streaming.coordinator import coordinator
-from streaming.events import FINISHED, TaskKey
-from streaming.exceptions import DatabaseUnavailable, UnknownTaskModel
+from streaming.events import Status, TaskKey
+from streaming.exceptions import DatabaseUnavailable, InvalidFields, NotFound
 from streaming.hub import Subscription
-from streaming.models import StreamTask
+from streaming.runs import Run
 
 logger = logging.getLogger(__name__)
 
-Response = tuple[int, dict[str, str], Any]
-Row = tuple[Any, ...]
-NOT_FOUND: Response = (404, {"content-type": "application/json"}, '{"error": "not found"}')
-SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache",
-               "x-accel-buffering": "no"}
+Response = tuple[int, dict[str, str], str | bytes]
+JSON = {"content-type": "application/json"}
+NOT_FOUND: Response = (404, JSON, '{"error": "not found"}')
+SSE_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
 _INT = re.compile(r"\d{1,18}")
 
 
@@ -36,8 +38,8 @@ class BadRequest(Exception):
     """Malformed input: answered with a 400 and the message."""
 
 
-def _error(status: int, message: str, **extra: Any) -> Response:
-    return status, {"content-type": "application/json"}, json.dumps({"error": message, **extra})
+def _json(status: int, body: Any, **headers: str) -> Response:
+    return status, {**JSON, **headers}, json.dumps(body)
 
 
 def _int(text: str, what: str) -> int:
@@ -46,117 +48,101 @@ def _int(text: str, what: str) -> int:
     return int(text)
 
 
+@dataclass(frozen=True)
+class Found:
+    """A task the caller may see: its model, identity and run (None: never started)."""
+
+    model: registry.TaskModel
+    key: TaskKey
+    run: Run | None
+
+
 class StreamServer:
     """The routes, plus the open streams so that shutdown can close them."""
 
     def __init__(self) -> None:
         self.streams: set[Subscription] = set()
-        self.closing = False
         self.requests = 0
 
-    async def __call__(self, request: asgineer.HttpRequest) -> Any:
+    async def __call__(self, request: asgineer.HttpRequest) -> Response | None:
         self.requests += 1
         parts = [p for p in request.path.split("/") if p]
         try:
             return await self._route(request, parts)
         except BadRequest as exc:
-            return _error(400, str(exc))
-        except UnknownTaskModel:
+            return _json(400, {"error": str(exc)})
+        except NotFound:
             return NOT_FOUND
+        except InvalidFields as exc:
+            return _json(400, {"error": "invalid fields", "errors": exc.errors})
         except (DatabaseUnavailable, DjangoOperationalError):
             # Postgres is restarting or unreachable: a clear, retryable answer, not a 500.
             logger.warning("%s %s: database unavailable", request.method, request.path)
-            return 503, {"content-type": "application/json", "retry-after": "1"}, (
-                '{"error": "database unavailable, retry"}')
+            return _json(503, {"error": "database unavailable, retry"}, **{"retry-after": "1"})
 
-    async def _route(self, request: asgineer.HttpRequest, parts: list[str]) -> Any:
+    async def _route(self, request: asgineer.HttpRequest, parts: list[str]) -> Response | None:
         method = request.method
+        head, rest = (parts[0], parts[1:]) if parts else ("", [])
         if parts == ["health"] and method in ("GET", "HEAD"):
             return 200, {"content-type": "text/plain"}, "OK"
         if parts == ["metrics"] and method == "GET":
             return await self.metrics()
-        if parts[:1] == ["stream"] and len(parts) in (3, 4) and method == "GET":
-            app = parts[1] if len(parts) == 4 else None
-            return await self.stream(request, app, parts[-2], parts[-1])
-        if parts[:1] == ["tasks"]:
-            return await self._route_tasks(request, parts[1:], method)
-        if parts[:1] == ["watch"] and len(parts) in (3, 4) and method == "GET":
-            return await self.watch(request, parts[1] if len(parts) == 4 else None, *parts[-2:])
-        return NOT_FOUND
-
-    async def _route_tasks(self, request: asgineer.HttpRequest, rest: list[str],
-                           method: str) -> Any:
-        if len(rest) == 2 and method == "POST":
+        if head == "stream" and len(rest) in (2, 3) and method == "GET":
+            return await self.stream(request, await self._find(request, rest))
+        if head == "watch" and len(rest) in (2, 3) and method == "GET":
+            return await self.watch(request, await self._find(request, rest))
+        if head == "tasks" and len(rest) == 2 and method == "POST":
             return await self.create(request, rest[0], rest[1])
-        if len(rest) == 3 and method == "GET":
-            return await self.status(request, *rest)
-        if len(rest) == 4 and rest[3] == "cancel" and method == "POST":
-            return await self.cancel(request, *rest[:3])
+        if head == "tasks" and len(rest) == 3 and method == "GET":
+            return await self.status(await self._find(request, rest))
+        if head == "tasks" and len(rest) == 4 and rest[3] == "cancel" and method == "POST":
+            return await self.cancel(await self._find(request, rest[:3]))
         return NOT_FOUND
 
-    # -- lookups --------------------------------------------------------------------------
-
-    async def _visible(self, request: asgineer.HttpRequest, app: str | None, model_name: str,
-                       raw_id: str) -> tuple[type[StreamTask], TaskKey, Row | None] | None:
-        """The model, key and run row of a task the caller may see; None answers a 404."""
-        task_id = _int(raw_id, "task id")
-        model = registry.resolve(app, model_name)
-        key = TaskKey(model._meta.app_label, model._meta.object_name or "", task_id)
+    async def _find(self, request: asgineer.HttpRequest, names: list[str]) -> Found:
+        """The task ``[app,] model, id`` names, if the caller may see it; else NotFound."""
+        app = names[0] if len(names) == 3 else None
+        task_id = _int(names[-1], "task id")
+        model = registry.resolve(app, names[-2])
+        key = registry.key_of_model(model, task_id)
         token = request.querydict.get("token")
-        if getattr(model, "require_signed_url", False) and not (
-                token and coordinator.check_token(key, token)):
-            return None
+        if model.require_signed_url and not (token and coordinator.check_token(key, token)):
+            raise NotFound(key.path)
         if not model.can_view(task_id, dict(request.headers)):
-            return None
+            raise NotFound(key.path)
         rt = await runtime.current()
-        run = await rt.db.fetchone("get_run", {"app_label": key.app_label,
-                                               "model_name": key.model_name,
-                                               "task_id": key.task_id})
+        run = await rt.store.get(key)
         # A run is only ever created for an existing task (and deleted with it), so a task
         # that has one needs no ORM query: the SSE server then holds no Django connection.
         if run is None and not await model._default_manager.filter(pk=task_id).aexists():
-            return None
-        return model, key, run
+            raise NotFound(key.path)
+        return Found(model, key, run)
 
     # -- routes ---------------------------------------------------------------------------
 
-    async def stream(self, request: asgineer.HttpRequest, app: str | None, model_name: str,
-                     raw_id: str) -> Any:
-        after = self._last_event_id(request)
-        found = await self._visible(request, app, model_name, raw_id)
-        if found is None:
-            return NOT_FOUND
-        model, key, run = found
-        rt = await runtime.current()
-        run_id, status, last_seq = await self._run_of(rt, model, key, run)
-        wants_sse = "text/event-stream" in request.headers.get("accept", "") or after is not None
-        if status in FINISHED and not wants_sse:
-            return 200, {"content-type": "application/json"}, _finished_json(run)
-        if status in FINISHED and after is not None and after >= last_seq:
-            return 204, {}, b""
-        await self._follow(request, rt, run_id, key, after or 0)
+    async def stream(self, request: asgineer.HttpRequest, found: Found) -> Response | None:
+        after = _last_event_id(request)
+        run = found.run
+        if run is not None and run.finished:
+            wants_sse = "text/event-stream" in request.headers.get("accept", "")
+            if after is None and not wants_sse:
+                return _json(200, _finished_json(run))
+            if after is not None and after >= run.last_seq:
+                return 204, {}, b""
+        if run is None:  # a GET on a never-started task queues it
+            queued = await coordinator.enqueue_key(found.model, found.key)
+            rt = await runtime.current()
+            await rt.notifier.flush()
+            run_id = queued.run_id
+        else:
+            run_id = run.id
+        await self._follow(request, run_id, found.key, after or 0)
         return None
 
-    @staticmethod
-    def _last_event_id(request: asgineer.HttpRequest) -> int | None:
-        raw = request.headers.get("last-event-id")
-        if raw is None:
-            raw = request.querydict.get("last_event_id")
-        if raw is None or raw.strip() == "":
-            return None
-        return _int(raw.strip(), "Last-Event-ID")
-
-    @staticmethod
-    async def _run_of(rt: runtime.Runtime, model: type[StreamTask], key: TaskKey,
-                      run: Row | None) -> tuple[int, str, int]:
-        if run is None:  # a GET on a never-started task queues it
-            run_id, _ = await coordinator.enqueue_key(model, key)
-            await rt.notifier.flush()
-            return run_id, "pending", 0
-        return run[0], run[1], run[3]
-
-    async def _follow(self, request: asgineer.HttpRequest, rt: runtime.Runtime, run_id: int,
-                      key: TaskKey, after: int) -> None:
+    async def _follow(
+        self, request: asgineer.HttpRequest, run_id: int, key: TaskKey, after: int
+    ) -> None:
+        rt = await runtime.current()
         sub = rt.hub.subscribe(run_id, key, after)
         self.streams.add(sub)
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, sub))
@@ -167,98 +153,86 @@ class StreamServer:
                 if sub.closed:
                     break
                 # Pending events go out joined, in one write: one send per wake-up, not per event.
-                await request.send(batch[0].frame if len(batch) == 1 else
-                                   b"".join([ev.frame for ev in batch]) or events.KEEPALIVE_FRAME)
+                await request.send(
+                    batch[0].frame
+                    if len(batch) == 1
+                    else b"".join([ev.frame for ev in batch]) or events.KEEPALIVE_FRAME
+                )
         finally:
             watcher.cancel()
             self.streams.discard(sub)
             rt.hub.unsubscribe(sub)
 
-    async def watch(self, request: asgineer.HttpRequest, app: str | None, model_name: str,
-                    raw_id: str) -> Any:
+    async def watch(self, request: asgineer.HttpRequest, found: Found) -> Response:
         """An HTML page that follows the task's stream with EventSource."""
-        found = await self._visible(request, app, model_name, raw_id)
-        if found is None:
-            return NOT_FOUND
-        _, key, _run = found
         rt = await runtime.current()
-        rows = await rt.db.fetchall("event_types", {"app_label": key.app_label,
-                                                    "model_name": key.model_name,
-                                                    "task_id": key.task_id})
-        wanted = [t for t in request.querydict.get("types", "").split(",")
-                  if events.EVENT_TYPE_RE.fullmatch(t)]
-        stream_url = f"/stream/{key.path}"
+        logged = await rt.log.event_types(found.key)
+        wanted = [
+            t
+            for t in request.querydict.get("types", "").split(",")
+            if events.EVENT_TYPE_RE.fullmatch(t)
+        ]
+        stream_url = found.key.stream_path
         if request.querydict.get("token"):
             stream_url += "?token=" + quote(request.querydict["token"], safe="")
-        body = page.render(key, stream_url, tuple(r[0] for r in rows) + tuple(wanted))
+        body = page.render(found.key, stream_url, tuple(logged) + tuple(wanted))
         return 200, {"content-type": "text/html; charset=utf-8"}, body
 
-    async def status(self, request: asgineer.HttpRequest, app: str, model_name: str,
-                     raw_id: str) -> Any:
-        found = await self._visible(request, app, model_name, raw_id)
-        if found is None:
-            return NOT_FOUND
-        _, key, run = found
-        return 200, {"content-type": "application/json"}, json.dumps(_status_json(key, run))
+    async def status(self, found: Found) -> Response:
+        return _json(200, _status_json(found.key, found.run))
 
-    async def cancel(self, request: asgineer.HttpRequest, app: str, model_name: str,
-                     raw_id: str) -> Any:
-        found = await self._visible(request, app, model_name, raw_id)
-        if found is None:
-            return NOT_FOUND
-        _, key, _run = found
+    async def cancel(self, found: Found) -> Response:
+        key = found.key
         if not await coordinator.cancel_task(key.app_label, key.model_name, key.task_id):
-            return _error(409, "the task is finished or was never started")
-        return 202, {"content-type": "application/json"}, json.dumps(
-            {"id": key.task_id, "cancel_requested": True})
+            return _json(409, {"error": "the task is finished or was never started"})
+        return _json(202, {"id": key.task_id, "cancel_requested": True})
 
-    async def create(self, request: asgineer.HttpRequest, app: str, model_name: str) -> Any:
+    async def create(self, request: asgineer.HttpRequest, app: str, model_name: str) -> Response:
         model = registry.resolve(app, model_name)
         if not model.allow_http_create:
-            return NOT_FOUND
+            raise NotFound(model_name)
         try:
             body = await request.get_json(limit=1 << 20)
         except (ValueError, UnicodeDecodeError) as exc:
             raise BadRequest(f"body must be a JSON object: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object of field values")
-        task, errors = await sync_to_async(_build_task)(model, body)
-        if errors:
-            return _error(400, "invalid fields", errors=errors)
-        assert task is not None
-        await task.asave()
+        task = await creation.create(model, body)
         rt = await runtime.current()
         await coordinator.start_task(task, run_here=rt.worker.claiming)
-        await rt.notifier.flush()
         key = registry.key_of(task)
-        return 201, {"content-type": "application/json"}, json.dumps({
-            "id": key.task_id, "app": key.app_label, "model": key.model_name,
-            "status": "pending", "stream_url": f"/stream/{key.path}"})
+        return _json(
+            201,
+            {
+                "id": key.task_id,
+                "app": key.app_label,
+                "model": key.model_name,
+                "status": Status.PENDING,
+                "stream_url": key.stream_path,
+            },
+        )
 
-    async def metrics(self) -> Any:
+    async def metrics(self) -> Response:
         rt = await runtime.current()
-        lines = [f"streaming_worker_tasks_{k}_total {v}" for k, v in rt.worker.counters.items()]
-        lines += [
-            f"streaming_worker_running_tasks {len(rt.worker.running)}",
-            f"streaming_listener_reconnects_total {rt.hub.reconnects}",
-            f"streaming_listener_up {int(rt.hub.listening)}",
-            f"streaming_connected_clients {len(self.streams)}",
-            f"streaming_hub_fetches_total {rt.hub.fetches}",
-            f"streaming_db_queries_total {rt.db.queries_run}",
-            f"streaming_log_recent_hits_total {log.recent(rt.db).hits}",
-            f"streaming_log_readahead_hits_total {log.read_ahead(rt.db).hits}",
-            f"streaming_events_appended_total {rt.appender.appended}",
-            f"streaming_append_batches_total {rt.appender.batches}",
-            f"streaming_notifications_sent_total {rt.notifier.sent}",
-            f"streaming_http_requests_total {self.requests}",
-        ]
-        return 200, {"content-type": "text/plain; version=0.0.4"}, "\n".join(lines) + "\n"
+        text = metrics.render(
+            rt.counters(),
+            {"connected_clients": len(self.streams), "http_requests_total": self.requests},
+        )
+        return 200, {"content-type": "text/plain; version=0.0.4"}, text
 
     def close_streams(self) -> None:
         """End every open stream (shutdown): clients reconnect, to another host if need be."""
-        self.closing = True
         for sub in list(self.streams):
             sub.close()
+
+
+def _last_event_id(request: asgineer.HttpRequest) -> int | None:
+    raw = request.headers.get("last-event-id")
+    if raw is None:
+        raw = request.querydict.get("last_event_id")
+    if raw is None or raw.strip() == "":
+        return None
+    return _int(raw.strip(), "Last-Event-ID")
 
 
 async def _watch_disconnect(request: asgineer.HttpRequest, sub: Subscription) -> None:
@@ -272,60 +246,44 @@ async def _watch_disconnect(request: asgineer.HttpRequest, sub: Subscription) ->
     sub.close()
 
 
-def _build_task(model: type[StreamTask], body: dict[str, Any]
-                ) -> tuple[StreamTask | None, dict[str, list[str]]]:
-    errors: dict[str, list[str]] = {}
-    values: dict[str, Any] = {}
-    for name, value in body.items():
-        try:
-            field = model._meta.get_field(name)
-        except FieldDoesNotExist:
-            errors[name] = ["unknown field"]
-            continue
-        if not getattr(field, "editable", False) or getattr(field, "primary_key", False) or (
-                name in ("created_at", "updated_at", "completed_at", "final_value")):
-            errors[name] = ["this field cannot be set"]
-            continue
-        values[getattr(field, "attname", name)] = value
-    if errors:
-        return None, errors
-    task = model(**values)
-    try:
-        task.full_clean(exclude=["created_at", "updated_at"])
-    except ValidationError as exc:
-        return None, {k: [str(m) for m in v] for k, v in exc.message_dict.items()}
-    return task, {}
-
-
-def _finished_json(run: tuple[Any, ...] | None) -> str:
-    assert run is not None
-    _id, status, _attempt, _last, final_value, error, _started, finished_at, *_ = run
-    out: dict[str, Any] = {"status": status, "final_value": final_value,
-                           "completed_at": events.iso(finished_at) if finished_at else None}
-    if status != "completed":
-        out["error"] = error
-    return json.dumps(out)
-
-
-def _status_json(key: TaskKey, row: tuple[Any, ...] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": key.task_id, "app": key.app_label, "model": key.model_name,
-                           "status": "pending", "started": False, "attempt": 0, "started_at": None,
-                           "completed_at": None, "final_value": None, "error": None,
-                           "last_seq": 0, "stream_url": f"/stream/{key.path}"}
-    if row is not None:
-        _id, status, attempt, last_seq, final_value, error, started, finished, *_ = row
-        out.update(status=status, started=True, attempt=attempt, last_seq=last_seq,
-                   final_value=final_value, error=error,
-                   started_at=events.iso(started) if started else None,
-                   completed_at=events.iso(finished) if finished else None)
+def _finished_json(run: Run) -> dict[str, Any]:
+    """The seed's summary of a finished task."""
+    out: dict[str, Any] = {
+        "status": run.status,
+        "final_value": run.final_value,
+        "completed_at": _iso(run.finished_at),
+    }
+    if run.status != Status.COMPLETED:
+        out["error"] = run.error
     return out
+
+
+def _status_json(key: TaskKey, run: Run | None) -> dict[str, Any]:
+    return {
+        "id": key.task_id,
+        "app": key.app_label,
+        "model": key.model_name,
+        "status": run.status if run else Status.PENDING,
+        "started": run is not None,
+        "attempt": run.attempt if run else 0,
+        "started_at": _iso(run.started_at) if run else None,
+        "completed_at": _iso(run.finished_at) if run else None,
+        "final_value": run.final_value if run else None,
+        "error": run.error if run else None,
+        "last_seq": run.last_seq if run else 0,
+        "stream_url": key.stream_path,
+    }
+
+
+def _iso(moment: Any) -> str | None:
+    return events.iso(moment) if moment else None
 
 
 def build_app(server: StreamServer | None = None) -> Any:
     """The ASGI application (call after Django is set up)."""
     server = server or StreamServer()
 
-    async def handler(request: asgineer.HttpRequest) -> Any:
+    async def handler(request: asgineer.HttpRequest) -> Response | None:
         return await server(request)
 
     app = asgineer.to_asgi(handler)

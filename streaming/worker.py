@@ -1,4 +1,9 @@
-"""Running tasks: claim under a lease, heartbeat, cancel, finish, release on shutdown."""
+"""Running tasks: claim under a lease, heartbeat, cancel, finish, release on shutdown.
+
+The worker knows nothing of Django, HTTP or the runtime: it is handed a run store (the
+statements it needs), a loader (a task's identity to something with ``async process()``) and
+its settings, so its logic can be tested against fakes of each.
+"""
 
 from __future__ import annotations
 
@@ -9,35 +14,63 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from asgiref.sync import sync_to_async
-from django.core.exceptions import ObjectDoesNotExist
-from django.db import connections
+from streaming import context
+from streaming.context import RunContext
+from streaming.db import retrying
+from streaming.events import CANCELLED_ERROR, Status, TaskKey
+from streaming.exceptions import DatabaseUnavailable, LeaseLost, NotFound
+from streaming.runs import Claim
 
-from streaming import registry
-from streaming.events import TaskKey
-from streaming.exceptions import DatabaseUnavailable, LeaseLost, UnknownTaskModel
 
-if TYPE_CHECKING:
-    from streaming.models import StreamTask
-    from streaming.runtime import Runtime
+class Runnable(Protocol):
+    async def process(self) -> Any: ...
 
+
+class Store(Protocol):
+    """The statements of the run store that a worker uses."""
+
+    async def claim(self, owner: str, ttl: float, run_id: int | None = None) -> Claim | None: ...
+
+    async def heartbeat(
+        self, owner: str, ttl: float, held: Sequence[tuple[int, int]]
+    ) -> dict[int, bool]: ...
+
+    async def release(self, run_id: int, attempt: int) -> bool: ...
+
+    async def finish(
+        self,
+        run_id: int,
+        attempt: int,
+        status: Status,
+        final_value: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> int | None: ...
+
+
+Loader = Callable[[TaskKey], Awaitable[Runnable]]
 logger = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class RunContext:
-    """What a running task holds: its run, the fencing attempt, and how it was stopped."""
+@dataclass(frozen=True)
+class WorkerSettings:
+    lease_ttl: float = 30.0
+    heartbeat_interval: float = 5.0
+    concurrency: int = 64
+    poll_interval: float = 2.0
+    finish_retry_for: float = 30.0  # seconds a terminal write is retried through an outage
 
-    run_id: int
-    attempt: int
-    key: TaskKey
-    timeout: float | None = None
-    finished: bool = False
-    stop_reason: str | None = None  # cancelled | lease_lost | shutdown
+
+@dataclass(eq=False)
+class _Held:
+    """A run this worker executes: its context, its asyncio task, and why it was stopped."""
+
+    ctx: RunContext
     task: asyncio.Task[None] | None = None
+    stop_reason: str | None = None  # cancelled | lease_lost | shutdown
 
 
 def make_owner() -> str:
@@ -49,38 +82,32 @@ def error_info(exc: BaseException) -> dict[str, str]:
     return {"message": str(exc) or type(exc).__name__, "error_type": type(exc).__name__}
 
 
-def discard_broken_django_connections() -> None:
-    """Close this thread's Django connections that no longer answer (the server restarted).
-
-    Django checks its connections when each of its own requests starts; our task runs and
-    HTTP handlers are not Django requests, so without this one database restart would
-    leave the ORM's connection broken for good: every later task load, every ORM call in
-    ``process()`` and every stream lookup would fail. Call it in the ORM's thread.
-    """
-    for conn in connections.all(initialized_only=True):
-        if conn.connection is not None and not conn.is_usable():
-            conn.close()
-
-
-def _load_instance(model: type[StreamTask], task_id: int) -> StreamTask:
-    discard_broken_django_connections()
-    return model._default_manager.get(pk=task_id)
-
-
 class Worker:
     """Claims runs (all of them, or one that this process started) and executes them."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
-        self.cfg = runtime.settings
-        self.owner = make_owner()
-        self.running: dict[int, RunContext] = {}
-        self.counters = {"claimed": 0, "reclaimed": 0, "completed": 0, "failed": 0,
-                         "cancelled": 0, "released": 0, "lease_lost": 0}
+    def __init__(
+        self, store: Store, loader: Loader, settings: WorkerSettings, owner: str | None = None
+    ) -> None:
+        self.store = store
+        self.loader = loader
+        self.cfg = settings
+        self.owner = owner or make_owner()
+        self.running: dict[int, _Held] = {}
+        self.counts = {
+            "claimed": 0,
+            "reclaimed": 0,
+            "completed": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "released": 0,
+            "lease_lost": 0,
+        }
         self.claiming = False
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._last_renewal = time.monotonic()
+
+    # -- claiming -------------------------------------------------------------------------
 
     def wake(self, run_id: int | None = None) -> None:
         self._wake.set()
@@ -97,12 +124,15 @@ class Worker:
         if claim and len(self._loops) == 1:
             self._loops.append(loop.create_task(self._claim_loop()))
 
+    @property
+    def full(self) -> bool:
+        return len(self.running) >= self.cfg.concurrency
+
     async def _claim_loop(self) -> None:
         while self.claiming:
             try:
-                while self.claiming and len(self.running) < self.cfg.WORKER_CONCURRENCY:
-                    if not await self.claim():
-                        break
+                while self.claiming and not self.full and await self.claim():
+                    pass
             except DatabaseUnavailable:
                 logger.warning("claiming failed: database unavailable; retrying")
                 await asyncio.sleep(1.0)
@@ -113,75 +143,83 @@ class Worker:
                 await asyncio.sleep(1.0)
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), self.cfg.WORKER_POLL_INTERVAL)
+                async with asyncio.timeout(self.cfg.poll_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
     async def claim(self, run_id: int | None = None) -> bool:
-        """Claim one run (a given one, or the oldest claimable) and start it; False if none."""
-        row = await self.rt.db.fetchone("claim", {
-            "owner": self.owner, "ttl": self.cfg.LEASE_TTL, "run_id": run_id})
-        if row is None:
+        """Claim one run (a given one, or the oldest claimable) and start it; False if none.
+
+        Never beyond the concurrency cap: a run left unclaimed stays queued for any worker.
+        """
+        if self.full:
             return False
-        rid, app_label, model_name, task_id, attempt, timeout, last_seq, cancel_req = row
-        ctx = RunContext(rid, attempt, TaskKey(app_label, model_name, task_id), timeout)
-        self.counters["claimed"] += 1
-        if attempt > 1:
-            self.counters["reclaimed"] += 1
-            self.rt.committed(rid, last_seq)
-        logger.info("claimed task %s (run %s, attempt %s)", ctx.key.path, rid, attempt)
-        stale = self.running.get(rid)
+        claim = await self.store.claim(self.owner, self.cfg.lease_ttl, run_id)
+        if claim is None:
+            return False
+        self.counts["claimed"] += 1
+        if claim.attempt > 1:
+            self.counts["reclaimed"] += 1
+        logger.info(
+            "claimed task %s (run %s, attempt %s)", claim.key.path, claim.run_id, claim.attempt
+        )
+        stale = self.running.get(claim.run_id)
         if stale is not None:
             # This process retook its own run (its lease expired while the heartbeat was
             # late): the older attempt is fenced off in SQL; stop it here too.
             self._stop(stale, "lease_lost")
-        self.running[rid] = ctx
+        held = _Held(RunContext(claim.run_id, claim.attempt, claim.key, claim.timeout))
+        self.running[claim.run_id] = held
         self._ensure_loops()
-        ctx.task = asyncio.get_running_loop().create_task(self._execute(ctx, cancel_req))
+        held.task = asyncio.get_running_loop().create_task(
+            self._execute(held, claim.cancel_requested)
+        )
         return True
 
-    async def _execute(self, ctx: RunContext, cancel_requested: bool) -> None:
+    # -- executing ------------------------------------------------------------------------
+
+    async def _execute(self, held: _Held, cancel_requested: bool) -> None:
         try:
             if cancel_requested:
-                await self._finish(ctx, "cancelled", None, {"message": "cancelled",
-                                                           "error_type": "CancelledError"})
+                await self._finish(held.ctx, Status.CANCELLED, None, CANCELLED_ERROR)
                 return
-            instance = await self._load(ctx)
+            instance = await self._load(held.ctx)
             if instance is not None:
-                await self._run_process(ctx, instance)
+                with context.running(held.ctx):
+                    await self._run_process(held, instance)
         except Exception:
-            logger.exception("task %s: worker error", ctx.key.path)
+            logger.exception("task %s: worker error", held.ctx.key.path)
         finally:
             # Only our own entry: a newer attempt of the same run may have replaced it.
-            if self.running.get(ctx.run_id) is ctx:
-                del self.running[ctx.run_id]
+            if self.running.get(held.ctx.run_id) is held:
+                del self.running[held.ctx.run_id]
             self.wake()
 
-    async def _load(self, ctx: RunContext) -> StreamTask | None:
+    async def _load(self, ctx: RunContext) -> Runnable | None:
         try:
-            model = registry.resolve(ctx.key.app_label, ctx.key.model_name)
-            instance = await sync_to_async(_load_instance)(model, ctx.key.task_id)
-        except (UnknownTaskModel, LookupError, ObjectDoesNotExist) as exc:
-            # ObjectDoesNotExist: the task's row was deleted; fail now rather than leave
-            # the run to expire and be retried until its attempts are used up.
-            await self._finish(ctx, "failed", None, error_info(exc))
+            return await self.loader(ctx.key)
+        except NotFound as exc:
+            # The task's row (or model) is gone: fail now rather than leave the run to
+            # expire and be retried until its attempts are used up. The error names the
+            # cause (Django's DoesNotExist), as users of the ORM know it.
+            await self._finish(ctx, Status.FAILED, None, error_info(exc.__cause__ or exc))
             return None
-        instance._stream_run = ctx  # type: ignore[attr-defined]
-        return instance
 
-    async def _run_process(self, ctx: RunContext, instance: StreamTask) -> None:
+    async def _run_process(self, held: _Held, instance: Runnable) -> None:
+        ctx = held.ctx
         try:
             async with asyncio.timeout(ctx.timeout):
                 result = await instance.process()
         except asyncio.CancelledError:
-            await self._stopped(ctx)
+            await self._stopped(held)
             return
         except LeaseLost:
             self._lost(ctx)
             return
         except Exception as exc:
             logger.info("task %s raised %s", ctx.key.path, type(exc).__name__)
-            await self._finish(ctx, "failed", None, error_info(exc))
+            await self._finish(ctx, Status.FAILED, None, error_info(exc))
             return
         if not ctx.finished:
             await self._complete(ctx, result)
@@ -190,70 +228,95 @@ class Worker:
         try:
             json.dumps(result)
         except (TypeError, ValueError) as exc:
-            await self._finish(ctx, "failed", None, error_info(
-                TypeError(f"process() returned a value that is not JSON: {exc}")))
+            await self._finish(
+                ctx,
+                Status.FAILED,
+                None,
+                error_info(TypeError(f"process() returned a value that is not JSON: {exc}")),
+            )
             return
-        await self._finish(ctx, "completed", result, None)
+        await self._finish(ctx, Status.COMPLETED, result, None)
 
-    async def _stopped(self, ctx: RunContext) -> None:
+    async def _stopped(self, held: _Held) -> None:
         task = asyncio.current_task()
-        reason = ctx.stop_reason
+        reason = held.stop_reason
         if task is not None and reason is not None:
             task.uncancel()
         if reason == "cancelled":
-            await self._finish(ctx, "cancelled", None,
-                               {"message": "cancelled", "error_type": "CancelledError"})
+            await self._finish(held.ctx, Status.CANCELLED, None, CANCELLED_ERROR)
         elif reason == "lease_lost":
-            self._lost(ctx)
+            self._lost(held.ctx)
         else:
             # Shutdown, or the event loop is closing under us: hand the run back at once.
-            await asyncio.shield(self._release(ctx))
+            await asyncio.shield(self._release(held.ctx))
             if reason is None:
                 raise asyncio.CancelledError
 
     def _lost(self, ctx: RunContext) -> None:
-        self.counters["lease_lost"] += 1
+        self.counts["lease_lost"] += 1
         logger.warning("task %s: lease lost (attempt %s); stopped", ctx.key.path, ctx.attempt)
 
-    async def _finish(self, ctx: RunContext, status: str, final_value: Any,
-                      error: dict[str, Any] | None) -> None:
-        seq = await self.rt.finish(ctx.run_id, ctx.attempt, status, final_value, error)
-        ctx.finished = True
-        if seq is None:
+    async def _finish(
+        self, ctx: RunContext, status: Status, final_value: Any, error: dict[str, Any] | None
+    ) -> None:
+        if await self.finish(ctx, status, final_value, error) is None:
             self._lost(ctx)
-            return
-        self.counters[status] += 1
-        logger.info("task %s %s (attempt %s)", ctx.key.path, status, ctx.attempt)
+
+    async def finish(
+        self,
+        ctx: RunContext,
+        status: Status,
+        final_value: Any = None,
+        error: dict[str, Any] | None = None,
+    ) -> int | None:
+        """The terminal write of ``ctx``'s attempt, once, retried through an outage.
+
+        The last seq, or None when the attempt was fenced off (or had finished already).
+        """
+        if ctx.finished:
+            return None
+        ctx.finished = True
+        seq: int | None = await retrying(
+            lambda: self.store.finish(ctx.run_id, ctx.attempt, status, final_value, error),
+            self.cfg.finish_retry_for,
+        )
+        if seq is not None:
+            self.counts[str(status)] += 1
+            logger.info("task %s %s (attempt %s)", ctx.key.path, status, ctx.attempt)
+        return seq
 
     async def _release(self, ctx: RunContext) -> None:
         try:
-            row = await self.rt.db.fetchone("release", {"run_id": ctx.run_id,
-                                                        "attempt": ctx.attempt})
+            released = await self.store.release(ctx.run_id, ctx.attempt)
         except DatabaseUnavailable:
-            logger.warning("task %s: release failed; it is reclaimed when its lease expires",
-                           ctx.key.path)
+            logger.warning(
+                "task %s: release failed; it is reclaimed when its lease expires", ctx.key.path
+            )
             return
-        if row is not None:
-            self.counters["released"] += 1
-            self.rt.notifier.queued(ctx.run_id)
-            await self.rt.notifier.flush()
+        if released:
+            self.counts["released"] += 1
+
+    # -- stopping -------------------------------------------------------------------------
 
     def stop_local(self, run_id: int, reason: str) -> bool:
         """Cancel the process() of a run held here; False when it is not held here."""
-        ctx = self.running.get(run_id)
-        return ctx is not None and self._stop(ctx, reason)
+        held = self.running.get(run_id)
+        return held is not None and self._stop(held, reason)
 
     @staticmethod
-    def _stop(ctx: RunContext, reason: str) -> bool:
-        if ctx.task is None or ctx.finished:
+    def _stop(held: _Held, reason: str) -> bool:
+        if held.task is None or held.ctx.finished:
             return False
-        ctx.stop_reason = ctx.stop_reason or reason
-        ctx.task.cancel()
+        if held.stop_reason is None:
+            # Once only: a second cancel() would land in the finishing write of the first
+            # and abort it, leaving the run "running" until its lease expired.
+            held.stop_reason = reason
+            held.task.cancel()
         return True
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.cfg.HEARTBEAT_INTERVAL)
+            await asyncio.sleep(self.cfg.heartbeat_interval)
             try:
                 await self.heartbeat()
             except Exception as exc:
@@ -261,21 +324,20 @@ class Worker:
                 # while the tasks go on running (fenced off, their work lost).
                 if not isinstance(exc, DatabaseUnavailable):
                     logger.exception("heartbeat failed")
-                if time.monotonic() - self._last_renewal > self.cfg.LEASE_TTL:
+                if time.monotonic() - self._last_renewal > self.cfg.lease_ttl:
                     for run_id in list(self.running):
                         self.stop_local(run_id, "lease_lost")
 
     async def heartbeat(self) -> None:
         """Renew every lease held here; stop the runs whose lease is gone or cancelled."""
-        held = [c for c in self.running.values() if not c.finished]
+        held = [h.ctx for h in self.running.values() if not h.ctx.finished]
         if not held:
             self._last_renewal = time.monotonic()
             return
-        rows = await self.rt.db.fetchall("heartbeat", {
-            "ttl": self.cfg.LEASE_TTL, "owner": self.owner,
-            "run_ids": [c.run_id for c in held], "attempts": [c.attempt for c in held]})
+        renewed = await self.store.heartbeat(
+            self.owner, self.cfg.lease_ttl, [(c.run_id, c.attempt) for c in held]
+        )
         self._last_renewal = time.monotonic()
-        renewed = {run_id: cancel for run_id, cancel in rows}
         for ctx in held:
             if ctx.run_id not in renewed:
                 self.stop_local(ctx.run_id, "lease_lost")
@@ -286,15 +348,20 @@ class Worker:
         """Stop claiming, let running tasks finish for ``grace`` s, release the rest."""
         self.claiming = False
         self._wake.set()
-        pending = [c.task for c in self.running.values() if c.task is not None]
+        pending = [h.task for h in self.running.values() if h.task is not None]
         if pending:
             logger.info("waiting up to %ss for %s running task(s)", grace, len(pending))
             _, still = await asyncio.wait(pending, timeout=grace)
-            for ctx in list(self.running.values()):
-                self.stop_local(ctx.run_id, "shutdown")
+            for run_id in list(self.running):
+                self.stop_local(run_id, "shutdown")
             if still:
                 await asyncio.wait(still, timeout=5)
         for loop_task in self._loops:
             loop_task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops = []
+
+    def counters(self) -> dict[str, int]:
+        out = {f"worker_tasks_{k}_total": v for k, v in self.counts.items()}
+        out["worker_running_tasks"] = len(self.running)
+        return out

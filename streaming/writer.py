@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from streaming import log
 from streaming.db import Database, retrying
 from streaming.events import TaskKey
+from streaming.log import EventLog
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +31,12 @@ class Appender:
     batch up behind the commit in flight (measured in BENCHMARKS.md).
     """
 
-    def __init__(self, db: Database, on_commit: Callable[[int, int], None],
-                 max_batch: int = 512, retry_for: float = 30.0) -> None:
+    def __init__(
+        self, db: Database, log: EventLog, max_batch: int = 512, retry_for: float = 30.0
+    ) -> None:
         self.db = db
+        self.log = log
         self.retry_for = retry_for
-        self.on_commit = on_commit
         self.max_batch = max_batch
         self.batches = 0
         self.appended = 0
@@ -64,7 +64,7 @@ class Appender:
                 continue
             for (item, fut), seq in zip(batch, seqs, strict=True):
                 if seq is not None:
-                    self.on_commit(item.run_id, seq)
+                    self.log.committed(item.run_id, seq)
                 if not fut.done():
                     fut.set_result(seq)
             # One turn of the loop lets the writers just released append again, so that the
@@ -73,15 +73,17 @@ class Appender:
             await asyncio.sleep(0)
 
     async def _write(self, items: list[Append]) -> list[int | None]:
-        rows = await self.db.fetchall("append_batch", {
-            "run_ids": [i.run_id for i in items],
-            "attempts": [i.attempt for i in items],
-            "types": [i.event_type for i in items],
-            "datas": [i.data_json for i in items],
-        })
+        rows = await self.db.fetchall(
+            "append_batch",
+            {
+                "run_ids": [i.run_id for i in items],
+                "attempts": [i.attempt for i in items],
+                "types": [i.event_type for i in items],
+                "datas": [i.data_json for i in items],
+            },
+        )
         self.batches += 1
         self.appended += len(items)
-        memory = log.recent(self.db)
         seqs: list[int | None] = [None] * len(items)
         for ordinal, seq, created_at, data_text, app_label, model_name, task_id in rows:
             if seq is not None:
@@ -89,6 +91,16 @@ class Appender:
                 seqs[ordinal - 1] = seq
                 # Before on_commit announces it: the hub's read of it is then served from
                 # memory, byte for byte the row (the data text is the jsonb's rendering).
-                memory.add(item.run_id, TaskKey(app_label, model_name, task_id), seq,
-                           item.event_type, data_text, created_at, item.attempt)
+                self.log.record(
+                    item.run_id,
+                    TaskKey(app_label, model_name, task_id),
+                    seq,
+                    item.event_type,
+                    data_text,
+                    created_at,
+                    item.attempt,
+                )
         return seqs
+
+    def counters(self) -> dict[str, int]:
+        return {"events_appended_total": self.appended, "append_batches_total": self.batches}

@@ -12,8 +12,9 @@ from tests import support
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--slow", action="store_true",
-                     help="also run the long fault-injection variants")
+    parser.addoption(
+        "--slow", action="store_true", help="also run the long fault-injection variants"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -90,9 +91,14 @@ def manage(live_db: str, tmp_path: Path) -> Callable[..., str]:
     import sys
 
     def run(*args: str, **env: str) -> str:
-        out = subprocess.run([sys.executable, str(support.ROOT / "manage.py"), *args],
-                             env=support.child_env(live_db, **env), capture_output=True,
-                             text=True, timeout=120, cwd=support.ROOT)
+        out = subprocess.run(
+            [sys.executable, str(support.ROOT / "manage.py"), *args],
+            env=support.child_env(live_db, **env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=support.ROOT,
+        )
         if out.returncode != 0:
             raise AssertionError(f"manage.py {' '.join(args)} failed:\n{out.stdout}{out.stderr}")
         return out.stdout

@@ -22,12 +22,17 @@ class ExampleTask(StreamTask):
     allow_http_create = True
 
     async def process(self) -> Any:
-        await self.send_event("start", {"message": self.message,
-                                        "total_steps": self.total_steps})
+        await self.send_event("start", {"message": self.message, "total_steps": self.total_steps})
         for i in range(1, self.total_steps + 1):
             await asyncio.sleep(self.step_delay)
-            await self.send_event("progress", {"step": i, "total_steps": self.total_steps,
-                                               "message": f"Step {i} of {self.total_steps}"})
+            await self.send_event(
+                "progress",
+                {
+                    "step": i,
+                    "total_steps": self.total_steps,
+                    "message": f"Step {i} of {self.total_steps}",
+                },
+            )
         await self.send_event("complete", {"message": "Task completed successfully"})
         return {"message": self.message, "steps": self.total_steps}
 
@@ -56,8 +61,7 @@ class AsyncGeneratorTask(StreamTask):
         async def progress() -> Any:
             for i in range(self.count):
                 await asyncio.sleep(self.delay)
-                yield {"step": i + 1, "total": self.count,
-                       "percentage": (i + 1) / self.count * 100}
+                yield {"step": i + 1, "total": self.count, "percentage": (i + 1) / self.count * 100}
 
         await self.send_event("start", {"total_steps": self.count})
         final = await self.process_generator(progress())
@@ -87,13 +91,15 @@ class HttpxFetchTask(StreamTask):
     async def process(self) -> Any:
         await self.send_event("start", {"url": self.url})
         async with httpx.AsyncClient(timeout=30.0) as client:
-            await self.send_event("progress", {"status": "fetching",
-                                               "message": f"Fetching from {self.url}"})
+            await self.send_event(
+                "progress", {"status": "fetching", "message": f"Fetching from {self.url}"}
+            )
             response = await client.get(self.url)
             response.raise_for_status()
             data = response.json()
-            await self.send_event("progress", {"status": "fetched",
-                                               "status_code": response.status_code})
+            await self.send_event(
+                "progress", {"status": "fetched", "status_code": response.status_code}
+            )
         await self.send_event("complete", {"message": "Data fetched successfully"})
         return data
 

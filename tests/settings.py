@@ -31,15 +31,19 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
 ]
-TEMPLATES = [{
-    "BACKEND": "django.template.backends.django.DjangoTemplates",
-    "APP_DIRS": True,
-    "OPTIONS": {"context_processors": [
-        "django.template.context_processors.request",
-        "django.contrib.auth.context_processors.auth",
-        "django.contrib.messages.context_processors.messages",
-    ]},
-}]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
 
 
 def database_from_url(url: str) -> dict[str, object]:
@@ -60,8 +64,11 @@ def database_from_url(url: str) -> dict[str, object]:
 
 
 # manage.py sets DATABASE_URL (an embedded server) when it is unset; so does the test plugin.
-DATABASES = {"default": database_from_url(
-    os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/streaming"))}
+DATABASES = {
+    "default": database_from_url(
+        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/streaming")
+    )
+}
 
 STREAMING = from_environ(dict(os.environ))
 
@@ -70,6 +77,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {"streaming": {"handlers": ["console"],
-                              "level": os.environ.get("STREAMING_LOG_LEVEL", "INFO")}},
+    "loggers": {
+        "streaming": {
+            "handlers": ["console"],
+            "level": os.environ.get("STREAMING_LOG_LEVEL", "INFO"),
+        }
+    },
 }

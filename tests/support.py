@@ -29,7 +29,7 @@ def database_url_from_settings() -> str:
     from django.conf import settings
 
     cfg = settings.DATABASES["default"]
-    auth = cfg["USER"] + (f":{cfg['PASSWORD']}" if cfg.get("PASSWORD") else "")
+    auth = str(cfg["USER"]) + (f":{cfg['PASSWORD']}" if cfg.get("PASSWORD") else "")
     return f"postgresql://{auth}@{cfg['HOST']}:{cfg['PORT']}/{cfg['NAME']}"
 
 
@@ -78,21 +78,29 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-def start_manage(args: list[str], env: dict[str, str], log_dir: Path,
-                 port: int | None = None) -> ManagedProcess:
+def start_manage(
+    args: list[str], env: dict[str, str], log_dir: Path, port: int | None = None
+) -> ManagedProcess:
     log_path = log_dir / f"{args[0]}-{port or 'x'}-{time.monotonic_ns()}.log"
     with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "manage.py"), *args], cwd=ROOT,
-                                env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "manage.py"), *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return ManagedProcess(args, proc, log_path, port)
 
 
-def start_server(env: dict[str, str], log_dir: Path, *extra: str,
-                 wait: float = 30.0) -> ManagedProcess:
+def start_server(
+    env: dict[str, str], log_dir: Path, *extra: str, wait: float = 30.0
+) -> ManagedProcess:
     """``manage.py runserver_stream --port P``; returns once /health answers."""
     port = free_port()
-    mp = start_manage(["runserver_stream", "--host", "127.0.0.1", "--port", str(port), *extra],
-                      env, log_dir, port)
+    mp = start_manage(
+        ["runserver_stream", "--host", "127.0.0.1", "--port", str(port), *extra], env, log_dir, port
+    )
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if mp.proc.poll() is not None:
@@ -125,8 +133,13 @@ def parse_sse(text: str) -> list[SSE]:
             name, _, value = line.partition(":")
             fields[name] = value[1:] if value.startswith(" ") else value
         if "data" in fields:
-            out.append(SSE(int(fields["id"]) if "id" in fields else None,
-                           fields.get("event", "message"), json.loads(fields["data"])))
+            out.append(
+                SSE(
+                    int(fields["id"]) if "id" in fields else None,
+                    fields.get("event", "message"),
+                    json.loads(fields["data"]),
+                )
+            )
     return out
 
 
@@ -135,11 +148,17 @@ def _complete(buf: str) -> str:
     return buf[: end + 2] if end >= 0 else ""
 
 
-def read_stream(url: str, headers: dict[str, str] | None = None, timeout: float = 30.0,
-                max_events: int | None = None) -> tuple[httpx.Response, list[SSE]]:
+def read_stream(
+    url: str,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+    max_events: int | None = None,
+) -> tuple[httpx.Response, list[SSE]]:
     """GET an SSE stream until the server ends it (or ``max_events`` arrive)."""
-    with httpx.Client(timeout=timeout) as client, client.stream(
-            "GET", url, headers=headers or {}) as resp:
+    with (
+        httpx.Client(timeout=timeout) as client,
+        client.stream("GET", url, headers=headers or {}) as resp,
+    ):
         if not resp.headers.get("content-type", "").startswith("text/event-stream"):
             resp.read()
             return resp, []
@@ -151,8 +170,12 @@ def read_stream(url: str, headers: dict[str, str] | None = None, timeout: float 
         return resp, parse_sse(_complete(buf))
 
 
-async def wait_for_status(rt: Any, task: Any, statuses: tuple[str, ...] = (
-        "completed", "failed", "cancelled"), timeout: float = 20.0) -> str:
+async def wait_for_status(
+    rt: Any,
+    task: Any,
+    statuses: tuple[str, ...] = ("completed", "failed", "cancelled"),
+    timeout: float = 20.0,
+) -> str:
     """Poll the run table until the task reaches one of ``statuses``; the status."""
     import asyncio
 

@@ -7,11 +7,11 @@ INSERT INTO streaming_taskrun (app_label, model_name, task_id, db_table, pk_colu
 VALUES (%(app_label)s, %(model_name)s, %(task_id)s, %(db_table)s, %(pk_column)s,
         %(max_attempts)s, %(timeout_seconds)s)
 ON CONFLICT (app_label, model_name, task_id) DO UPDATE SET updated_at = streaming_taskrun.updated_at
-RETURNING id, status, attempt, last_seq, (xmax = 0) AS created;
+RETURNING id, status, (xmax = 0) AS created;
 
 -- get_run --
-SELECT id, status, attempt, last_seq, final_value, error, started_at, finished_at,
-       lease_owner, lease_expires_at, cancel_requested_at, created_at
+SELECT id, app_label, model_name, task_id, status, attempt, last_seq, final_value, error,
+       started_at, finished_at, lease_owner, lease_expires_at, cancel_requested_at, created_at
   FROM streaming_taskrun
  WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
 
@@ -20,7 +20,7 @@ SELECT status FROM streaming_taskrun
  WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
 
 -- last_seqs --
-SELECT id, last_seq, status FROM streaming_taskrun WHERE id = ANY(%(run_ids)s);
+SELECT id, last_seq FROM streaming_taskrun WHERE id = ANY(%(run_ids)s);
 
 -- claim --
 SELECT id, app_label, model_name, task_id, attempt, timeout_seconds, last_seq,
@@ -62,6 +62,8 @@ UPDATE streaming_taskrun
 RETURNING id, status, lease_owner, lease_expires_at < now() AS lease_expired;
 
 -- read_events --
+-- The rows themselves, for a check that the frames composed in SQL (read_frames) equal
+-- those streaming.events.build composes from rows (tests/integration/test_event_log.py).
 SELECT seq, event_type, data::text, created_at, attempt
   FROM streaming_taskevent
  WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s

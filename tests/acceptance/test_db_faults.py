@@ -164,8 +164,10 @@ def test_a_new_stream_while_postgres_is_down_gets_a_503_not_a_500(
     try:
         resp = httpx.get(url, timeout=30)
         assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
-        assert httpx.get(f"{server.url}/tasks/tests/ScriptedTask/{task.pk}",
-                         timeout=30).status_code == 503
+        assert (
+            httpx.get(f"{server.url}/tasks/tests/ScriptedTask/{task.pk}", timeout=30).status_code
+            == 503
+        )
     finally:
         pg_server.start()
         connections.close_all()  # this process's Django connection died with the server

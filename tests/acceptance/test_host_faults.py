@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -13,20 +15,22 @@ from streaming.coordinator import coordinator
 from tests import faults
 from tests.faults import FAST_LEASES, Follower, wait_until
 from tests.models import ScriptedTask, TimeoutTask
-from tests.support import read_stream
+from tests.support import ManagedProcess, read_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
 SSE = {"Accept": "text/event-stream"}
 
 
-def create_on(server, **fields) -> ScriptedTask:
+def create_on(server: ManagedProcess, **fields: Any) -> ScriptedTask:
     """Create a task through ``server`` (which claims it when it has a worker)."""
     resp = httpx.post(server.url + "/tasks/tests/ScriptedTask", json=fields)
     assert resp.status_code == 201, resp.text
     return ScriptedTask.objects.get(pk=resp.json()["id"])
 
 
-def test_clients_of_a_killed_server_resume_on_the_other_and_miss_nothing(server_factory):
+def test_clients_of_a_killed_server_resume_on_the_other_and_miss_nothing(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     servers = [server_factory(**FAST_LEASES), server_factory(**FAST_LEASES)]
     task = create_on(servers[0], ticks=40, delay=0.05)
     owner = wait_until(lambda: faults.run_of(task).owner_pid, 10, "the claim")
@@ -37,7 +41,7 @@ def test_clients_of_a_killed_server_resume_on_the_other_and_miss_nothing(server_
         c.start()
     wait_until(lambda: all(len(c.events) >= 5 for c in clients), 20, "five events each")
     doomed.kill()
-    rows = None
+    rows: list[faults.Row] = []
     for c in clients:
         c.finish()
         assert c.hops[:2] == [doomed.url, other.url]
@@ -49,7 +53,9 @@ def test_clients_of_a_killed_server_resume_on_the_other_and_miss_nothing(server_
     assert faults.tick_numbers(rows, 2) == list(range(1, 41))
 
 
-def test_a_client_that_stops_reading_delays_nobody_and_catches_up(server_factory):
+def test_a_client_that_stops_reading_delays_nobody_and_catches_up(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     # A small per-subscriber buffer: the slow client's overflows, and it must then catch up
     # from the log rather than hold the events (or anybody else) up.
     server = server_factory("--no-worker", STREAMING_SUBSCRIBER_BUFFER="16")
@@ -82,7 +88,9 @@ def test_a_client_that_stops_reading_delays_nobody_and_catches_up(server_factory
     assert faults.metrics(worker.url)["streaming_worker_tasks_completed_total"] == 1
 
 
-def test_cancel_on_one_server_stops_the_task_on_another(server_factory):
+def test_cancel_on_one_server_stops_the_task_on_another(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     runner, front = server_factory(), server_factory("--no-worker")
     task = create_on(runner, ticks=1000, delay=0.05)
     follower = Follower(front.url, task)
@@ -101,7 +109,9 @@ def test_cancel_on_one_server_stops_the_task_on_another(server_factory):
     assert task.status == "cancelled"
 
 
-async def test_acancel_from_a_process_without_a_worker(server_factory, rt):
+async def test_acancel_from_a_process_without_a_worker(
+    server_factory: Callable[..., ManagedProcess], rt: Any
+) -> None:
     """``task.acancel()`` here (a third host) reaches the worker through NOTIFY."""
     from asgiref.sync import sync_to_async
 
@@ -122,7 +132,9 @@ async def test_acancel_from_a_process_without_a_worker(server_factory, rt):
     assert faults.metrics(runner.url)["streaming_worker_tasks_cancelled_total"] == 1
 
 
-def test_a_task_past_its_timeout_fails_with_a_timeout_error(server_factory):
+def test_a_task_past_its_timeout_fails_with_a_timeout_error(
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     server = server_factory()
     task = TimeoutTask.objects.create(sleep_for=5.0)
     _, events = read_stream(f"{server.url}/stream/tests/TimeoutTask/{task.pk}", headers=SSE)
@@ -132,7 +144,9 @@ def test_a_task_past_its_timeout_fails_with_a_timeout_error(server_factory):
     assert faults.metrics(server.url)["streaming_worker_tasks_failed_total"] == 1
 
 
-def test_sigterm_releases_the_run_ends_streams_and_exits(server_factory, worker_factory):
+def test_sigterm_releases_the_run_ends_streams_and_exits(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     stopping = server_factory("--grace", "1")  # lease TTL stays at its 30 s default
     task = create_on(stopping, ticks=1000, delay=0.05)
     wait_until(lambda: faults.run_of(task).owner_pid == stopping.proc.pid, 10, "the claim")
@@ -157,7 +171,9 @@ def test_sigterm_releases_the_run_ends_streams_and_exits(server_factory, worker_
     assert "Cancel 1 running task" not in stopping.log()  # uvicorn had nothing left to cut
 
 
-def test_a_second_signal_exits_at_once(server_factory, worker_factory):
+def test_a_second_signal_exits_at_once(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     impatient = server_factory("--grace", "60", **FAST_LEASES)
     task = create_on(impatient, ticks=100, delay=0.05)
     wait_until(lambda: faults.run_of(task).owner_pid == impatient.proc.pid, 10, "the claim")
@@ -174,7 +190,9 @@ def test_a_second_signal_exits_at_once(server_factory, worker_factory):
     assert faults.run_of(task).attempt == 2
 
 
-def test_a_worker_only_process_releases_its_run_on_sigterm(server_factory, worker_factory):
+def test_a_worker_only_process_releases_its_run_on_sigterm(
+    server_factory: Callable[..., ManagedProcess], worker_factory: Callable[..., ManagedProcess]
+) -> None:
     front = server_factory("--no-worker")
     leaving = worker_factory("--grace", "0.2")
     task = create_on(front, ticks=1000, delay=0.05)
@@ -196,8 +214,8 @@ def test_a_worker_only_process_releases_its_run_on_sigterm(server_factory, worke
 
 
 def test_clients_joining_while_a_notification_is_in_flight_never_stall_the_others(
-    server_factory,
-):
+    server_factory: Callable[..., ManagedProcess],
+) -> None:
     """A joiner reads the log between a commit and its NOTIFY (held back 0.2 s here).
 
     The rows it read then count as fetched for the whole task, so the NOTIFY hands them to

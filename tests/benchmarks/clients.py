@@ -24,8 +24,9 @@ class ClientGroup:
     files: list[str] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, cfg: dict[str, Any], count: int, per_process: int = 500,
-                    timeout: float = 180.0) -> ClientGroup:
+    async def start(
+        cls, cfg: dict[str, Any], count: int, per_process: int = 500, timeout: float = 180.0
+    ) -> ClientGroup:
         """Start the processes and return once each has every connection open."""
         group = cls()
         sizes = [per_process] * (count // per_process)
@@ -36,12 +37,17 @@ class ClientGroup:
             os.close(fd)
             group.files.append(result_file)
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "tests.benchmarks.sseclient",
+                sys.executable,
+                "-m",
+                "tests.benchmarks.sseclient",
                 json.dumps({**cfg, "count": size, "result_file": result_file}),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
             group.procs.append(proc)
-        await asyncio.wait_for(asyncio.gather(*(group._expect(p, "connected")
-                                                for p in group.procs)), timeout)
+        await asyncio.wait_for(
+            asyncio.gather(*(group._expect(p, "connected") for p in group.procs)), timeout
+        )
         return group
 
     async def _expect(self, proc: asyncio.subprocess.Process, prefix: str) -> str:
@@ -51,12 +57,13 @@ class ClientGroup:
             if not line:
                 raise RuntimeError(f"client process {proc.pid} exited before {prefix!r}")
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
 
     async def results(self, timeout: float = 300.0) -> Stats:
         """Wait for every process's result and merge them."""
-        paths = await asyncio.wait_for(asyncio.gather(*(self._expect(p, "result ")
-                                                        for p in self.procs)), timeout)
+        paths = await asyncio.wait_for(
+            asyncio.gather(*(self._expect(p, "result ") for p in self.procs)), timeout
+        )
         stats = Stats.merge([_load_json(path) for path in paths])
         await self.close()
         return stats

@@ -33,14 +33,30 @@ class FollowRun:
         return self.stats.received / self.seconds if self.seconds > 0 else 0.0
 
 
-def _client_cfg(port: int, path: str, end: str, expect: int, times_file: str,
-                wait_headers: bool, timeout: float) -> dict[str, object]:
-    return {"host": "127.0.0.1", "port": port, "path": path, "end": end, "expect": expect,
-            "times_file": times_file, "wait_headers": wait_headers, "timeout": timeout}
+def _client_cfg(
+    port: int, path: str, end: str, expect: int, times_file: str, wait_headers: bool, timeout: float
+) -> dict[str, object]:
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "path": path,
+        "end": end,
+        "expect": expect,
+        "times_file": times_file,
+        "wait_headers": wait_headers,
+        "timeout": timeout,
+    }
 
 
-async def follow_ours(ctx: Context, server: support.ManagedProcess, clients: int, events: int,
-                      rate: float, per_process: int = 500, queue: bool = False) -> FollowRun:
+async def follow_ours(
+    ctx: Context,
+    server: support.ManagedProcess,
+    clients: int,
+    events: int,
+    rate: float,
+    per_process: int = 500,
+    queue: bool = False,
+) -> FollowRun:
     """``clients`` SSE clients of one BenchTask run by a worker (``server``'s by default).
 
     The first client's GET starts the task (as on the seed), unless ``queue``: then this
@@ -50,12 +66,20 @@ async def follow_ours(ctx: Context, server: support.ManagedProcess, clients: int
     from tests.benchmarks.models import BenchTask
 
     go_file, times_file = ctx.stack.path("go"), ctx.stack.path("times")
-    task = await BenchTask.objects.acreate(events=events, rate=rate, go_file=go_file,
-                                           times_file=times_file)
+    task = await BenchTask.objects.acreate(
+        events=events, rate=rate, go_file=go_file, times_file=times_file
+    )
     if queue:
         await coordinator.enqueue(task)
-    cfg = _client_cfg(server.port or 0, f"/stream/benchmarks/BenchTask/{task.pk}", "end",
-                      events, times_file, True, _timeout(events, rate, clients))
+    cfg = _client_cfg(
+        server.port or 0,
+        f"/stream/benchmarks/BenchTask/{task.pk}",
+        "end",
+        events,
+        times_file,
+        True,
+        _timeout(events, rate, clients),
+    )
     group = await ClientGroup.start(cfg, clients, per_process)
     before = await asyncio.to_thread(stack.metrics, server)
     go(go_file)
@@ -68,17 +92,26 @@ async def follow_ours(ctx: Context, server: support.ManagedProcess, clients: int
     return run
 
 
-async def follow_seed(ctx: Context, clients: int, events: int, rate: float,
-                      per_process: int = 500) -> FollowRun:
+async def follow_seed(
+    ctx: Context, clients: int, events: int, rate: float, per_process: int = 500
+) -> FollowRun:
     """The same on the seed: its task starts emitting once every client is attached."""
     project = await ctx.seed()
     server = await asyncio.to_thread(project.start_server, ctx.stack.workdir)
     try:
         times_file = ctx.stack.path("seed-times")
-        pk = project.create_task(events=events, rate=rate, wait_clients=clients,
-                                 times_file=times_file)
-        cfg = _client_cfg(server.port or 0, f"/stream/benchapp/BenchTask/{pk}", "complete",
-                          events, times_file, False, _timeout(events, rate, clients))
+        pk = project.create_task(
+            events=events, rate=rate, wait_clients=clients, times_file=times_file
+        )
+        cfg = _client_cfg(
+            server.port or 0,
+            f"/stream/benchapp/BenchTask/{pk}",
+            "complete",
+            events,
+            times_file,
+            False,
+            _timeout(events, rate, clients),
+        )
         group = await ClientGroup.start(cfg, clients, per_process)
         stats = await group.results(timeout=float(cfg["timeout"]) + 60)  # type: ignore[arg-type]
         first = _sends(times_file)["calls"][0]
@@ -103,4 +136,3 @@ def _sends(path: str) -> dict[str, list[float]]:
         time.sleep(0.05)
     with open(path) as f:
         return dict(json.load(f))
-

@@ -18,7 +18,10 @@ from typing import Any
 
 _TARGET = re.compile(r"(ratio|ours)\s*(>=|<=|==)\s*([0-9.]+)")
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, "<=": operator.le, "==": operator.eq}
+    ">=": operator.ge,
+    "<=": operator.le,
+    "==": operator.eq,
+}
 
 
 @dataclass
@@ -110,11 +113,22 @@ def table(results: list[Result]) -> str:
     for r in results:
         verdict = {True: "PASS", False: "FAIL", None: "report"}[r.passed]
         base = fmt(r.baseline) + (f" ({r.baseline_name})" if r.baseline_name else "")
-        rows.append([r.scenario, f"{r.metric} [{r.unit}]", fmt(r.ours), base,
-                     fmt(r.ratio), r.target or "-", verdict])
+        rows.append(
+            [
+                r.scenario,
+                f"{r.metric} [{r.unit}]",
+                fmt(r.ours),
+                base,
+                fmt(r.ratio),
+                r.target or "-",
+                verdict,
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-             for row in rows]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -125,7 +139,7 @@ def machine(extra: dict[str, Any] | None = None) -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "nproc": os.cpu_count(),
         "cpu": _cpu_model(),
-        "memory": _run(["free", "-h"]),
+        "memory": run_command(["free", "-h"]),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "loadavg_end": load(),
@@ -153,7 +167,7 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _run(argv: list[str]) -> str:
+def run_command(argv: list[str]) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):

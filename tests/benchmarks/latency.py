@@ -30,8 +30,26 @@ async def run(ctx: Context) -> list[Result]:
         await asyncio.to_thread(ctx.stack.stop, server)
     note = f"{events} events at {RATE:.0f}/s, 1 client"
     return [
-        Result("3 latency", "p50", "ms", median(p50["ours"]), median(p50["baseline"]),
-               "ratio <= 3", "seed 0.2.1", note, p50),
-        Result("3 latency", "p99", "ms", median(p99["ours"]), median(p99["baseline"]),
-               "ratio <= 3", "seed 0.2.1", note, p99),
+        Result(
+            "3 latency",
+            "p50",
+            "ms",
+            median(p50["ours"]),
+            median(p50["baseline"]),
+            "ratio <= 3",
+            "seed 0.2.1",
+            note,
+            p50,
+        ),
+        Result(
+            "3 latency",
+            "p99",
+            "ms",
+            median(p99["ours"]),
+            median(p99["baseline"]),
+            "ratio <= 3",
+            "seed 0.2.1",
+            note,
+            p99,
+        ),
     ]

@@ -41,17 +41,37 @@ async def run(ctx: Context) -> list[Result]:
     name = "7 many tasks"
     note = f"{n} tasks x {EVENTS} events, 2 worker processes (64 slots each)"
     return [
-        Result(name, "tasks completed/s", "tasks/s", median(rates), None, "", "", note,
-               {"ours": rates}),
-        Result(name, "median claim wait", "ms", median(medians), None, "", "", note,
-               {"ours": medians}),
-        Result(name, "max wait / median wait", "x", median(ratios), None, "", "",
-               "proposed target: ours <= 2 (FIFO claims make it ~2 by construction)",
-               {"ours": ratios}),
-        Result(name, "p99 wait / median wait", "x", median(p99s), None, "", "", note,
-               {"ours": p99s}),
-        Result(name, "share of the busier worker", "%", median(shares), None, "", "",
-               "tasks claimed by the worker that claimed more", {"ours": shares}),
+        Result(
+            name, "tasks completed/s", "tasks/s", median(rates), None, "", "", note, {"ours": rates}
+        ),
+        Result(
+            name, "median claim wait", "ms", median(medians), None, "", "", note, {"ours": medians}
+        ),
+        Result(
+            name,
+            "max wait / median wait",
+            "x",
+            median(ratios),
+            None,
+            "",
+            "",
+            "proposed target: ours <= 2 (FIFO claims make it ~2 by construction)",
+            {"ours": ratios},
+        ),
+        Result(
+            name, "p99 wait / median wait", "x", median(p99s), None, "", "", note, {"ours": p99s}
+        ),
+        Result(
+            name,
+            "share of the busier worker",
+            "%",
+            median(shares),
+            None,
+            "",
+            "",
+            "tasks claimed by the worker that claimed more",
+            {"ours": shares},
+        ),
     ]
 
 

@@ -23,8 +23,19 @@ async def run(ctx: Context) -> list[Result]:
         ours.append(await _ours(ctx, clients))
         seed.append(await _seed(ctx, clients))
     note = f"{clients} idle clients; (RSS after - RSS with one client) / clients"
-    return [Result("6 memory", "RSS per idle client", "KB", median(ours), median(seed),
-                   "ours <= 30", "seed 0.2.1", note, {"ours": ours, "baseline": seed})]
+    return [
+        Result(
+            "6 memory",
+            "RSS per idle client",
+            "KB",
+            median(ours),
+            median(seed),
+            "ours <= 30",
+            "seed 0.2.1",
+            note,
+            {"ours": ours, "baseline": seed},
+        )
+    ]
 
 
 async def _ours(ctx: Context, clients: int) -> float:
@@ -34,9 +45,14 @@ async def _ours(ctx: Context, clients: int) -> float:
     server = await asyncio.to_thread(ctx.stack.start_server)
     try:
         task = await BenchTask.objects.acreate(events=1, go_file=ctx.stack.path("never"))
-        cfg: dict[str, object] = {"host": "127.0.0.1", "port": server.port, "end": "end",
-                                  "expect": 1, "path": f"/stream/benchmarks/BenchTask/{task.pk}",
-                                  "hold": True}
+        cfg: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "end": "end",
+            "expect": 1,
+            "path": f"/stream/benchmarks/BenchTask/{task.pk}",
+            "hold": True,
+        }
         return await _per_client(server, cfg, clients, wait_headers=True)
     finally:
         await asyncio.to_thread(ctx.stack.stop, server)
@@ -47,19 +63,29 @@ async def _seed(ctx: Context, clients: int) -> float:
     server = await asyncio.to_thread(project.start_server, ctx.stack.workdir)
     try:
         pk = project.create_task(events=1, go_file=ctx.stack.path("never"))
-        cfg: dict[str, object] = {"host": "127.0.0.1", "port": server.port, "end": "complete",
-                                  "expect": 1, "path": f"/stream/benchapp/BenchTask/{pk}",
-                                  "hold": True}
+        cfg: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": server.port,
+            "end": "complete",
+            "expect": 1,
+            "path": f"/stream/benchapp/BenchTask/{pk}",
+            "hold": True,
+        }
         # The seed sends its headers with the first event: count the clients it attached.
-        return await _per_client(server, cfg, clients, wait_headers=False,
-                                 settle=lambda: asyncio.sleep(SETTLE * 2))
+        return await _per_client(
+            server, cfg, clients, wait_headers=False, settle=lambda: asyncio.sleep(SETTLE * 2)
+        )
     finally:
         await asyncio.to_thread(server.stop, SEED_STOP)
 
 
-async def _per_client(server: support.ManagedProcess, cfg: dict[str, object], clients: int,
-                      wait_headers: bool,
-                      settle: Callable[[], Awaitable[None]] | None = None) -> float:
+async def _per_client(
+    server: support.ManagedProcess,
+    cfg: dict[str, object],
+    clients: int,
+    wait_headers: bool,
+    settle: Callable[[], Awaitable[None]] | None = None,
+) -> float:
     """KB of server RSS per client: one client first (warm), then ``clients`` more."""
     cfg = {**cfg, "wait_headers": wait_headers}
     first = await ClientGroup.start(cfg, 1)

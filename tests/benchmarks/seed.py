@@ -102,11 +102,16 @@ def ensure_venv() -> Path:
     # project's own `streaming` must not be what the seed's pip or Python sees.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     VENV.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], check=True,
-                   cwd=VENV.parent, env=env)
-    out = subprocess.run([str(python()), "-m", "pip", "install", "--disable-pip-version-check",
-                          PACKAGE, *EXTRAS], cwd=VENV.parent, env=env, capture_output=True,
-                         text=True)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--clear", str(VENV)], check=True, cwd=VENV.parent, env=env
+    )
+    out = subprocess.run(
+        [str(python()), "-m", "pip", "install", "--disable-pip-version-check", PACKAGE, *EXTRAS],
+        cwd=VENV.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"installing the seed failed:\n{out.stdout}\n{out.stderr}")
     marker.write_text(wanted + "\n")
@@ -125,24 +130,41 @@ class SeedProject:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "PYTHONPATH")}
-        env.update(DJANGO_SETTINGS_MODULE="benchproj.settings", PYTHONPATH=str(self.root),
-                   PYTHONUNBUFFERED="1")
+        env.update(
+            DJANGO_SETTINGS_MODULE="benchproj.settings",
+            PYTHONPATH=str(self.root),
+            PYTHONUNBUFFERED="1",
+        )
         return env
 
     def manage(self, *args: str) -> None:
-        subprocess.run([str(python()), "-m", "django", *args], cwd=self.root, env=self.env(),
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(python()), "-m", "django", *args],
+            cwd=self.root,
+            env=self.env(),
+            check=True,
+            capture_output=True,
+        )
 
     def create_task(self, **fields: object) -> int:
         """Insert a BenchTask row; the seed starts it on the first GET of its stream."""
         now = datetime.now(UTC).isoformat()
-        row = {"events": 100, "rate": 0.0, "payload_size": 0, "wait_clients": 0,
-               "go_file": "", "times_file": "", **fields}
+        row = {
+            "events": 100,
+            "rate": 0.0,
+            "payload_size": 0,
+            "wait_clients": 0,
+            "go_file": "",
+            "times_file": "",
+            **fields,
+        }
         cols = ", ".join(["created_at", "updated_at", *row])
         marks = ", ".join("?" * (len(row) + 2))
         with sqlite3.connect(self.db) as conn:
-            cur = conn.execute(f"INSERT INTO benchapp_benchtask ({cols}) VALUES ({marks})",
-                               (now, now, *row.values()))
+            cur = conn.execute(
+                f"INSERT INTO benchapp_benchtask ({cols}) VALUES ({marks})",
+                (now, now, *row.values()),
+            )
             return int(cur.lastrowid or 0)
 
     def start_server(self, log_dir: Path) -> support.ManagedProcess:
@@ -150,9 +172,21 @@ class SeedProject:
         log_path = log_dir / f"seed-{port}-{time.monotonic_ns()}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(
-                [str(python()), "-m", "django", "runserver_stream", "--host", "127.0.0.1",
-                 "--port", str(port)], cwd=self.root, env=self.env(), stdout=out,
-                stderr=subprocess.STDOUT)
+                [
+                    str(python()),
+                    "-m",
+                    "django",
+                    "runserver_stream",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                cwd=self.root,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         mp = support.ManagedProcess(["seed"], proc, log_path, port)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -34,8 +34,14 @@ class Stream(asyncio.Protocol):
     the clients' CPU, on a machine they share with the server, as low as it can be.
     """
 
-    def __init__(self, request: bytes, end_marker: bytes, expect: int,
-                 connected: asyncio.Future[None] | None, finished: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        request: bytes,
+        end_marker: bytes,
+        expect: int,
+        connected: asyncio.Future[None] | None,
+        finished: asyncio.Future[None],
+    ) -> None:
         self.request = request
         self.end_marker = end_marker
         self.times = [0.0] * (expect + 1)
@@ -47,7 +53,7 @@ class Stream(asyncio.Protocol):
         self.finished = finished
         self.transport: Any = None
         self._head = b""
-        self._tail = b""
+        self.tail = b""
         self._headers_done = False
 
     def connection_made(self, transport: Any) -> None:
@@ -60,12 +66,12 @@ class Stream(asyncio.Protocol):
             data = self._parse_headers(data)
             if not data:
                 return
-        buf = self._tail + data if self._tail else data
+        buf = self.tail + data if self.tail else data
         end = buf.rfind(b"\n\n")
         if end < 0:
-            self._tail = buf
+            self.tail = buf
             return
-        block, self._tail = buf[: end + 2], buf[end + 2:]
+        block, self.tail = buf[: end + 2], buf[end + 2 :]
         found = INDEX.findall(block)
         if found:
             times = self.times
@@ -96,7 +102,7 @@ class Stream(asyncio.Protocol):
             self.connected.set_result(None)
         if self.status != 200:
             self._finish()
-        return head[end + 4:]
+        return head[end + 4 :]
 
     def _finish(self) -> None:
         if not self.finished.done():
@@ -111,8 +117,10 @@ class Stream(asyncio.Protocol):
 async def open_streams(cfg: dict[str, Any]) -> list[Stream]:
     loop = asyncio.get_running_loop()
     headers = "".join(f"{k}: {v}\r\n" for k, v in cfg.get("headers", {}).items())
-    request = (f"GET {cfg['path']} HTTP/1.1\r\nHost: {cfg['host']}\r\n"
-               f"Accept: text/event-stream\r\n{headers}\r\n").encode()
+    request = (
+        f"GET {cfg['path']} HTTP/1.1\r\nHost: {cfg['host']}\r\n"
+        f"Accept: text/event-stream\r\n{headers}\r\n"
+    ).encode()
     end_marker = f"event: {cfg['end']}\n".encode()
     streams: list[Stream] = []
     wait_headers = cfg.get("wait_headers", True)
@@ -128,8 +136,15 @@ async def open_streams(cfg: dict[str, Any]) -> list[Stream]:
     await asyncio.gather(*(one() for _ in range(cfg["count"])))
     if wait_headers:
         # Every stream was given a ``connected`` future (wait_headers): none of them is None.
-        await asyncio.wait_for(asyncio.gather(*(s.connected for s in streams  # type: ignore[arg-type]
-                                                  )), cfg.get("timeout", 120))
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    s.connected
+                    for s in streams  # type: ignore[arg-type]
+                )
+            ),
+            cfg.get("timeout", 120),
+        )
     return streams
 
 
@@ -162,8 +177,9 @@ async def main(cfg: dict[str, Any]) -> dict[str, Any]:
     return summarise(streams, sends, cfg["expect"], timed_out=len(streams) - len(done))
 
 
-def summarise(streams: list[Stream], sends: dict[str, list[float]], expect: int,
-              timed_out: int) -> dict[str, Any]:
+def summarise(
+    streams: list[Stream], sends: dict[str, list[float]], expect: int, timed_out: int
+) -> dict[str, Any]:
     first = min((t for s in streams for t in s.times[1:] if t), default=0.0)
     last = max((t for s in streams for t in s.times[1:] if t), default=0.0)
     return {
@@ -185,7 +201,7 @@ def _latencies(streams: list[Stream], sent: list[float]) -> dict[int, int]:
     """Receipt time minus ``sent[i]``, bucketed by RESOLUTION, over every stream and event."""
     hist: Counter[int] = Counter()
     for s in streams:
-        for i, t in enumerate(s.times[1:len(sent) + 1], start=1):
+        for i, t in enumerate(s.times[1 : len(sent) + 1], start=1):
             if t:
                 hist[int((t - sent[i - 1]) // RESOLUTION)] += 1
     return dict(hist)

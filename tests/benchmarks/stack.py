@@ -53,16 +53,22 @@ class Stack:
 
     def start_server(self, *extra: str, **env: str) -> support.ManagedProcess:
         """``manage.py runserver_stream`` on a free TCP port (with its worker unless told)."""
-        mp = support.start_server(support.child_env(self.url, **{**QUIET, **env}),
-                                  self.workdir, "--verbosity", "0", *extra)
+        mp = support.start_server(
+            support.child_env(self.url, **{**QUIET, **env}),
+            self.workdir,
+            "--verbosity",
+            "0",
+            *extra,
+        )
         self.servers.append(mp)
         return mp
 
     def start_worker(self, **env: str) -> support.ManagedProcess:
         """``manage.py runworker_stream``; returns once it says it is ready."""
         env = {"STREAMING_LOG_LEVEL": "INFO", **env}  # its "ready:" line is an INFO one
-        mp = support.start_manage(["runworker_stream"], support.child_env(self.url, **env),
-                                  self.workdir)
+        mp = support.start_manage(
+            ["runworker_stream"], support.child_env(self.url, **env), self.workdir
+        )
         self.servers.append(mp)
         deadline = time.monotonic() + 60
         while "ready:" not in mp.log():
@@ -163,10 +169,18 @@ def _fresh_database(admin_url: str) -> str:
 
 def _pg_info(url: str, embedded: bool) -> dict[str, str]:
     with psycopg.connect(url, autocommit=True) as conn:
-        info = {name: str(conn.execute(f"SHOW {name}".encode()).fetchone()[0])  # type: ignore[index]
-                for name in ("server_version", "fsync", "synchronous_commit",
-                             "full_page_writes", "wal_sync_method", "max_connections",
-                             "shared_buffers")}
+        info = {
+            name: str(conn.execute(f"SHOW {name}".encode()).fetchone()[0])  # type: ignore[index]
+            for name in (
+                "server_version",
+                "fsync",
+                "synchronous_commit",
+                "full_page_writes",
+                "wal_sync_method",
+                "max_connections",
+                "shared_buffers",
+            )
+        }
     info["postgres"] = "embedded (streaming.embedded)" if embedded else "DATABASE_URL server"
     return info
 

@@ -15,9 +15,11 @@ from streaming.coordinator import coordinator
 from tests.benchmarks.context import Context, go, wait_started, wait_timing
 from tests.benchmarks.harness import Result, median
 
-RAW_RUN = ("INSERT INTO streaming_taskrun (app_label, model_name, task_id, db_table, status, "
-           "attempt) SELECT 'raw', 'Raw', coalesce(max(task_id), 0) + 1, 'none', 'running', 1 "
-           "FROM streaming_taskrun WHERE app_label = 'raw' RETURNING id")
+RAW_RUN = (
+    "INSERT INTO streaming_taskrun (app_label, model_name, task_id, db_table, status, "
+    "attempt) SELECT 'raw', 'Raw', coalesce(max(task_id), 0) + 1, 'none', 'running', 1 "
+    "FROM streaming_taskrun WHERE app_label = 'raw' RETURNING id"
+)
 
 
 async def ours(ctx: Context, tasks: int, events: int) -> float:
@@ -25,8 +27,7 @@ async def ours(ctx: Context, tasks: int, events: int) -> float:
     from tests.benchmarks.models import BenchTask
 
     go_file = ctx.stack.path("go")
-    objs = [await BenchTask.objects.acreate(events=events, go_file=go_file)
-            for _ in range(tasks)]
+    objs = [await BenchTask.objects.acreate(events=events, go_file=go_file) for _ in range(tasks)]
     for obj in objs:
         await coordinator.start_task(obj)
     await wait_started([o.pk for o in objs])
@@ -37,13 +38,18 @@ async def ours(ctx: Context, tasks: int, events: int) -> float:
     return tasks * events / (last - first)
 
 
-async def raw(ctx: Context, connections: int, events: int,
-              step: Callable[[psycopg.AsyncConnection[Any], int, int], Awaitable[None]]
-              | None = None) -> float:
+async def raw(
+    ctx: Context,
+    connections: int,
+    events: int,
+    step: Callable[[psycopg.AsyncConnection[Any], int, int], Awaitable[None]] | None = None,
+) -> float:
     """``connections`` raw psycopg connections, one append per transaction; events/s."""
     step = step or raw_append
-    conns = [await psycopg.AsyncConnection.connect(ctx.stack.url, autocommit=True)
-             for _ in range(connections)]
+    conns = [
+        await psycopg.AsyncConnection.connect(ctx.stack.url, autocommit=True)
+        for _ in range(connections)
+    ]
     try:
         runs = []
         for conn in conns:
@@ -65,9 +71,15 @@ async def raw(ctx: Context, connections: int, events: int,
 
 async def raw_append(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     """The statement the appender runs, for one event (the data serialised as it does)."""
-    cur = await conn.execute(queries.get("append_batch").encode(), {
-        "run_ids": [run_id], "attempts": [1], "types": ["tick"],
-        "datas": [json.dumps({"i": i}, separators=(",", ":"))]})
+    cur = await conn.execute(
+        queries.get("append_batch").encode(),
+        {
+            "run_ids": [run_id],
+            "attempts": [1],
+            "types": ["tick"],
+            "datas": [json.dumps({"i": i}, separators=(",", ":"))],
+        },
+    )
     await cur.fetchall()
 
 
@@ -76,39 +88,44 @@ BATCH = 16
 
 async def raw_batch(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     """A group commit of BATCH events (what one busy worker process sends per commit)."""
-    cur = await conn.execute(queries.get("append_batch").encode(), {
-        "run_ids": [run_id] * BATCH, "attempts": [1] * BATCH, "types": ["tick"] * BATCH,
-        "datas": [json.dumps({"i": i * BATCH + k}, separators=(",", ":"))
-                  for k in range(BATCH)]})
+    cur = await conn.execute(
+        queries.get("append_batch").encode(),
+        {
+            "run_ids": [run_id] * BATCH,
+            "attempts": [1] * BATCH,
+            "types": ["tick"] * BATCH,
+            "datas": [
+                json.dumps({"i": i * BATCH + k}, separators=(",", ":")) for k in range(BATCH)
+            ],
+        },
+    )
     await cur.fetchall()
 
 
-async def raw_batch_notify_inside(conn: psycopg.AsyncConnection[Any], run_id: int,
-                                  i: int) -> None:
+async def raw_batch_notify_inside(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     async with conn.transaction():
         await raw_batch(conn, run_id, i)
         await conn.execute(b"SELECT pg_notify('bench', %s)", (f"e {run_id}={i}",))
 
 
-async def raw_batch_notify_after(conn: psycopg.AsyncConnection[Any], run_id: int,
-                                 i: int) -> None:
+async def raw_batch_notify_after(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     await raw_batch(conn, run_id, i)
-    await conn.execute(queries.get("notify").encode(),
-                       {"channel": "bench", "payload": f"e {run_id}={i}"})
+    await conn.execute(
+        queries.get("notify").encode(), {"channel": "bench", "payload": f"e {run_id}={i}"}
+    )
 
 
-async def raw_append_notify_inside(conn: psycopg.AsyncConnection[Any], run_id: int,
-                                   i: int) -> None:
+async def raw_append_notify_inside(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     async with conn.transaction():
         await raw_append(conn, run_id, i)
         await conn.execute(b"SELECT pg_notify('bench', %s)", (f"e {run_id}={i}",))
 
 
-async def raw_append_notify_after(conn: psycopg.AsyncConnection[Any], run_id: int,
-                                  i: int) -> None:
+async def raw_append_notify_after(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> None:
     await raw_append(conn, run_id, i)
-    await conn.execute(queries.get("notify").encode(),
-                       {"channel": "bench", "payload": f"e {run_id}={i}"})
+    await conn.execute(
+        queries.get("notify").encode(), {"channel": "bench", "payload": f"e {run_id}={i}"}
+    )
 
 
 async def _fresh_runtime(ctx: Context) -> runtime.Runtime:
@@ -127,9 +144,19 @@ async def write_one(ctx: Context) -> list[Result]:
         ours_s.append(await ours(ctx, 1, n))
         raw_s.append(await raw(ctx, 1, n))
     await runtime.shutdown()
-    return [Result("1 write, one task", "events/s", "ev/s", median(ours_s), median(raw_s),
-                   "ratio >= 0.6", "raw psycopg loop", samples={"ours": ours_s, "baseline": raw_s},
-                   note=f"{n} events; send_event returns after the commit")]
+    return [
+        Result(
+            "1 write, one task",
+            "events/s",
+            "ev/s",
+            median(ours_s),
+            median(raw_s),
+            "ratio >= 0.6",
+            "raw psycopg loop",
+            samples={"ours": ours_s, "baseline": raw_s},
+            note=f"{n} events; send_event returns after the commit",
+        )
+    ]
 
 
 async def write_many(ctx: Context) -> list[Result]:
@@ -144,10 +171,19 @@ async def write_many(ctx: Context) -> list[Result]:
     rt = await runtime.current()
     batch = rt.appender.appended / max(1, rt.appender.batches)
     await runtime.shutdown()
-    return [Result("2 write, 64 tasks", "events/s", "ev/s", median(ours_s), median(raw_s),
-                   "ratio >= 3", "raw psycopg, 1 ev/txn, 4 conns",
-                   samples={"ours": ours_s, "baseline": raw_s},
-                   note=f"{tasks}x{per_task} events; mean group-commit batch {batch:.1f}")]
+    return [
+        Result(
+            "2 write, 64 tasks",
+            "events/s",
+            "ev/s",
+            median(ours_s),
+            median(raw_s),
+            "ratio >= 3",
+            "raw psycopg, 1 ev/txn, 4 conns",
+            samples={"ours": ours_s, "baseline": raw_s},
+            note=f"{tasks}x{per_task} events; mean group-commit batch {batch:.1f}",
+        )
+    ]
 
 
 def _notify_inside(rt: runtime.Runtime) -> None:
@@ -156,8 +192,12 @@ def _notify_inside(rt: runtime.Runtime) -> None:
     pool = rt.db._pool  # benchmark-only: the variant needs the transaction itself
 
     async def write(items: list[Any]) -> list[int | None]:
-        params = {"run_ids": [i.run_id for i in items], "attempts": [i.attempt for i in items],
-                  "types": [i.event_type for i in items], "datas": [i.data_json for i in items]}
+        params = {
+            "run_ids": [i.run_id for i in items],
+            "attempts": [i.attempt for i in items],
+            "types": [i.event_type for i in items],
+            "datas": [i.data_json for i in items],
+        }
         async with pool.connection() as conn, conn.transaction():
             rows = await (await conn.execute(queries.get("append_batch"), params)).fetchall()
             by_ord = {row[0]: row[1] for row in rows}
@@ -167,14 +207,25 @@ def _notify_inside(rt: runtime.Runtime) -> None:
                 if seq is not None:
                     last[item.run_id] = max(seq, last.get(item.run_id, 0))
             payload = "e " + ",".join(f"{r}={s}" for r, s in last.items())
-            await conn.execute(queries.get("notify"), {"channel": rt.settings.CHANNEL,
-                                                       "payload": payload})
+            await conn.execute(
+                queries.get("notify"), {"channel": rt.settings.CHANNEL, "payload": payload}
+            )
         appender.batches += 1
         appender.appended += len(items)
         return seqs
 
     appender._write = write  # type: ignore[method-assign]
-    appender.on_commit = rt.hub.committed  # no second NOTIFY after commit
+    appender.log = _LocalOnly(rt)  # type: ignore[assignment]  # no second NOTIFY after commit
+
+
+class _LocalOnly:
+    """The appender's view of the log, announcing to the local hub only (no NOTIFY)."""
+
+    def __init__(self, rt: runtime.Runtime) -> None:
+        self.hub = rt.hub
+
+    def committed(self, run_id: int, seq: int) -> None:
+        self.hub.committed(run_id, seq)
 
 
 async def notify_placement(ctx: Context) -> list[Result]:
@@ -186,8 +237,9 @@ async def notify_placement(ctx: Context) -> list[Result]:
     """
     tasks, per_task = 64, ctx.size(40, 200)
     n_raw, n_batches = ctx.size(300, 1500), ctx.size(40, 150)
-    s: dict[str, list[float]] = {k: [] for k in (
-        "after", "inside", "raw_after", "raw_inside", "batch_after", "batch_inside")}
+    s: dict[str, list[float]] = {
+        k: [] for k in ("after", "inside", "raw_after", "raw_inside", "batch_after", "batch_inside")
+    }
     for _ in range(ctx.repeat):
         await _fresh_runtime(ctx)
         s["after"].append(await ours(ctx, tasks, per_task))
@@ -200,14 +252,35 @@ async def notify_placement(ctx: Context) -> list[Result]:
     await runtime.shutdown()
 
     def row(name: str, a: str, b: str, note: str) -> Result:
-        return Result(name, "events/s", "ev/s", median(s[a]), median(s[b]), "",
-                      "NOTIFY inside the txn", note, {"ours": s[a], "baseline": s[b]})
+        return Result(
+            name,
+            "events/s",
+            "ev/s",
+            median(s[a]),
+            median(s[b]),
+            "",
+            "NOTIFY inside the txn",
+            note,
+            {"ours": s[a], "baseline": s[b]},
+        )
 
     return [
-        row("NOTIFY placement, 64 tasks", "after", "inside",
-            "one process: ours = coalesced NOTIFY after commit"),
-        row("NOTIFY placement, 4 conns x 1", "raw_after", "raw_inside",
-            "by hand: 1 event per transaction on 4 connections"),
-        row("NOTIFY placement, 4 conns x 16", "batch_after", "batch_inside",
-            f"by hand: {BATCH}-event group commits on 4 connections (4 busy workers)"),
+        row(
+            "NOTIFY placement, 64 tasks",
+            "after",
+            "inside",
+            "one process: ours = coalesced NOTIFY after commit",
+        ),
+        row(
+            "NOTIFY placement, 4 conns x 1",
+            "raw_after",
+            "raw_inside",
+            "by hand: 1 event per transaction on 4 connections",
+        ),
+        row(
+            "NOTIFY placement, 4 conns x 16",
+            "batch_after",
+            "batch_inside",
+            f"by hand: {BATCH}-event group commits on 4 connections (4 busy workers)",
+        ),
     ]

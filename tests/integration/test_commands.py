@@ -25,21 +25,32 @@ async def test_cleanup_old_tasks_deletes_old_finished_tasks_with_their_logs(
         await coordinator.start_task(t)
     await wait_for_status(rt, old)
     await wait_for_status(rt, recent)
-    sql("UPDATE streaming_taskrun SET finished_at = now() - interval '3 hours' "
-        "WHERE model_name = 'ScriptedTask' AND task_id = %s", old.pk)
+    sql(
+        "UPDATE streaming_taskrun SET finished_at = now() - interval '3 hours' "
+        "WHERE model_name = 'ScriptedTask' AND task_id = %s",
+        old.pk,
+    )
 
     dry = manage("cleanup_old_tasks", "--hours", "2", "--dry-run")
     assert "Would delete 1 finished task(s)" in dry
-    assert sql("SELECT count(*) FROM streaming_taskevent WHERE task_id = %s "
-               "AND model_name = 'ScriptedTask'", old.pk) == [(3,)]
+    assert sql(
+        "SELECT count(*) FROM streaming_taskevent WHERE task_id = %s "
+        "AND model_name = 'ScriptedTask'",
+        old.pk,
+    ) == [(3,)]
 
     out = manage("cleanup_old_tasks", "--hours", "2")
     assert "Deleted 1 finished task(s)" in out
     assert not await ScriptedTask.objects.filter(pk=old.pk).aexists()
-    assert sql("SELECT count(*) FROM streaming_taskevent WHERE task_id = %s "
-               "AND model_name = 'ScriptedTask'", old.pk) == [(0,)]
-    assert sql("SELECT count(*) FROM streaming_taskrun WHERE task_id = %s "
-               "AND model_name = 'ScriptedTask'", old.pk) == [(0,)]
+    assert sql(
+        "SELECT count(*) FROM streaming_taskevent WHERE task_id = %s "
+        "AND model_name = 'ScriptedTask'",
+        old.pk,
+    ) == [(0,)]
+    assert sql(
+        "SELECT count(*) FROM streaming_taskrun WHERE task_id = %s AND model_name = 'ScriptedTask'",
+        old.pk,
+    ) == [(0,)]
     assert await ScriptedTask.objects.filter(pk__in=[recent.pk, running.pk]).acount() == 2
     await running.acancel()
 
@@ -54,5 +65,7 @@ def test_create_task_no_start_creates_without_queueing(manage: Callable[..., str
     task_id = int(out.split("Created ExampleTask ")[1].split()[0])
     task = ExampleTask.objects.get(pk=task_id)
     assert task.message == "later" and task.status == "pending"
-    assert sql("SELECT count(*) FROM streaming_taskrun WHERE task_id = %s "
-               "AND model_name = 'ExampleTask'", task_id) == [(0,)]
+    assert sql(
+        "SELECT count(*) FROM streaming_taskrun WHERE task_id = %s AND model_name = 'ExampleTask'",
+        task_id,
+    ) == [(0,)]

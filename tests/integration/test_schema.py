@@ -32,15 +32,22 @@ def test_applying_a_file_twice_fails_instead_of_duplicating() -> None:
     with pytest.raises(psycopg.errors.DuplicateTable):
         sql(schema.read("0001_initial.sql"))
     assert sql("SELECT count(*) FROM streaming_schema_file WHERE name = '0001_initial.sql'") == [
-        (1,)]
+        (1,)
+    ]
 
 
 def test_seq_is_unique_per_task_in_the_database() -> None:
-    sql("INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
-        "event_type, data) VALUES ('a', 'M', 1, 1, 1, 'x', '{}')")
+    sql(
+        "INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
+        "event_type, data) VALUES ('a', 'M', 1, 1, 1, 'x', '{}')"
+    )
     with pytest.raises(psycopg.errors.UniqueViolation):
-        sql("INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
-            "event_type, data) VALUES ('a', 'M', 1, 1, 1, 'y', '{}')")
+        sql(
+            "INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
+            "event_type, data) VALUES ('a', 'M', 1, 1, 1, 'y', '{}')"
+        )
     with pytest.raises(psycopg.errors.CheckViolation):
-        sql("INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
-            "event_type, data) VALUES ('a', 'M', 1, 2, 1, 'bad type', '{}')")
+        sql(
+            "INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
+            "event_type, data) VALUES ('a', 'M', 1, 2, 1, 'bad type', '{}')"
+        )

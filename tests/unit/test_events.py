@@ -27,8 +27,9 @@ def test_invalid_event_types_raise_value_errors(event_type: object) -> None:
     assert isinstance(info.value, ValueError) and isinstance(info.value, StreamingError)
 
 
-@pytest.mark.parametrize("data", [[1], "s", None, 3, {"x": {1, 2}}, {"x": float("inf")},
-                                  {"x": "\x00"}])
+@pytest.mark.parametrize(
+    "data", [[1], "s", None, 3, {"x": {1, 2}}, {"x": float("inf")}, {"x": "\x00"}]
+)
 def test_invalid_data_raises_type_errors(data: object) -> None:
     with pytest.raises(InvalidEventData) as info:
         events.validate("ok", data)
@@ -47,8 +48,14 @@ def test_frame_has_id_event_and_merged_metadata() -> None:
     assert text.endswith("}\n\n")
     assert text.count("\n") == 4
     payload = ev.payload()
-    assert payload == {"step": 1, "_task_id": 42, "_app": "tests", "_model": "ExampleTask",
-                       "_timestamp": "2026-01-02T03:04:05.678000Z", "_seq": 7}
+    assert payload == {
+        "step": 1,
+        "_task_id": 42,
+        "_app": "tests",
+        "_model": "ExampleTask",
+        "_timestamp": "2026-01-02T03:04:05.678000Z",
+        "_seq": 7,
+    }
 
 
 def test_empty_data_gets_metadata_only() -> None:

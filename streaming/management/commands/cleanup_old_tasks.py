@@ -9,7 +9,6 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from streaming import runtime
-from streaming.maintenance import delete_finished_before
 
 
 def positive_hours(text: str) -> float:
@@ -35,6 +34,10 @@ class Command(BaseCommand):
     async def _run(hours: float, dry_run: bool) -> int:
         try:
             rt = await runtime.current()
-            return await delete_finished_before(rt.db, hours, dry_run)
+            expired = await rt.store.expired(hours)
+            if not dry_run:
+                for run in expired:
+                    await rt.store.delete(run)
+            return len(expired)
         finally:
             await runtime.shutdown()

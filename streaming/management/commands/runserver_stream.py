@@ -27,10 +27,17 @@ class Command(BaseCommand):
         parser.add_argument("--host", help="TCP host to bind (with --port)")
         parser.add_argument("--port", type=port_number, help="TCP port to bind")
         parser.add_argument("--socket", help=f"Unix socket path (default {DEFAULT_SOCKET})")
-        parser.add_argument("--no-worker", action="store_true",
-                            help="serve streams only; run no tasks in this process")
-        parser.add_argument("--grace", type=float, default=None,
-                            help="seconds running tasks get to finish on shutdown")
+        parser.add_argument(
+            "--no-worker",
+            action="store_true",
+            help="serve streams only; run no tasks in this process",
+        )
+        parser.add_argument(
+            "--grace",
+            type=float,
+            default=None,
+            help="seconds running tasks get to finish on shutdown",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         host, port, sock = options["host"], options["port"], options["socket"]
@@ -39,9 +46,13 @@ class Command(BaseCommand):
         if not sock and not (host or port):
             sock = DEFAULT_SOCKET
         settings = conf.get()
-        run(ServeOptions(
-            host=host or ("127.0.0.1" if port else None), port=port or (8888 if host else None),
-            socket=sock, worker=not options["no_worker"],
-            grace=settings.SHUTDOWN_GRACE if options["grace"] is None else options["grace"],
-            log_level="warning" if options["verbosity"] < 1 else "info",
-        ))
+        run(
+            ServeOptions(
+                host=host or ("127.0.0.1" if port else None),
+                port=port or (8888 if host else None),
+                socket=sock,
+                worker=not options["no_worker"],
+                grace=settings.SHUTDOWN_GRACE if options["grace"] is None else options["grace"],
+                log_level="warning" if options["verbosity"] < 1 else "info",
+            )
+        )

@@ -15,8 +15,12 @@ class Command(BaseCommand):
     help = "Claim and run queued streaming tasks until stopped (SIGTERM/SIGINT)."
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--grace", type=float, default=None,
-                            help="seconds running tasks get to finish on shutdown")
+        parser.add_argument(
+            "--grace",
+            type=float,
+            default=None,
+            help="seconds running tasks get to finish on shutdown",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         settings = conf.get()

@@ -25,9 +25,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         task = asyncio.run(self._create(options))
-        meta = type(task)._meta
-        self.stdout.write(f"Created {meta.object_name} {task.pk}")
-        self.stdout.write(f"Stream: /stream/{meta.app_label}/{meta.object_name}/{task.pk}")
+        self.stdout.write(f"Created {type(task)._meta.object_name} {task.pk}")
+        self.stdout.write(f"Stream: {task.stream_url()}")
 
     @staticmethod
     async def _create(options: dict[str, Any]) -> ExampleTask | ContinueTask:

@@ -1,0 +1,40 @@
+"""The Django ORM seam of the runtime: loading task instances with usable connections."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ObjectDoesNotExist
+from django.db import connections
+
+from streaming import registry
+from streaming.events import TaskKey
+from streaming.exceptions import TaskNotFound
+
+
+def discard_broken_django_connections() -> None:
+    """Close this thread's Django connections that no longer answer (the server restarted).
+
+    Django checks its connections when each of its own requests starts; our task runs and
+    HTTP handlers are not Django requests, so without this one database restart would
+    leave the ORM's connection broken for good: every later task load, every ORM call in
+    ``process()`` and every stream lookup would fail. Call it in the ORM's thread.
+    """
+    for conn in connections.all(initialized_only=True):
+        if conn.connection is not None and not conn.is_usable():
+            conn.close()
+
+
+def _load(key: TaskKey) -> Any:
+    discard_broken_django_connections()
+    model = registry.resolve(key.app_label, key.model_name)
+    try:
+        return model._default_manager.get(pk=key.task_id)
+    except ObjectDoesNotExist as exc:
+        raise TaskNotFound(f"task {key.path} does not exist") from exc
+
+
+async def load_task(key: TaskKey) -> Any:
+    """The task instance ``key`` names; UnknownTaskModel or TaskNotFound if there is none."""
+    return await sync_to_async(_load)(key)
