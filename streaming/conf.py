@@ -28,6 +28,7 @@ class StreamingSettings:
     NOTIFY_DELAY: float = 0.002
     CHANNEL: str = "streaming"
     DEFAULT_TASK_TIMEOUT: float | None = None
+    DATABASE_WAIT: float = 5.0
 
     def __post_init__(self) -> None:
         positive = ("LEASE_TTL", "HEARTBEAT_INTERVAL", "KEEPALIVE_INTERVAL", "WORKER_POLL_INTERVAL")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from streaming.events import TaskKey
+from streaming.events import Append, TaskKey
+
+#: Appends one event: its seq once committed, or None if the attempt was fenced off. The
+#: worker hands each run the appender of the runtime that claimed it.
+Appender = Callable[[Append], Awaitable[int | None]]
 
 
 @dataclass(eq=False)
@@ -21,25 +24,17 @@ class RunContext:
     run_id: int
     attempt: int
     key: TaskKey
+    append: Appender
     timeout: float | None = None
     finished: bool = False
 
 
-_current: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
+#: The current run; the worker sets it around ``process()`` (and resets it with the token).
+CURRENT: contextvars.ContextVar[RunContext | None] = contextvars.ContextVar(
     "streaming_run", default=None
 )
 
 
 def current() -> RunContext | None:
     """The run of the ``process()`` this code runs in (child tasks included), or None."""
-    return _current.get()
-
-
-@contextlib.contextmanager
-def running(ctx: RunContext) -> Iterator[RunContext]:
-    """Make ``ctx`` the current run for the code inside the block."""
-    token = _current.set(ctx)
-    try:
-        yield ctx
-    finally:
-        _current.reset(token)
+    return CURRENT.get()

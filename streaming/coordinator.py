@@ -13,21 +13,19 @@ from django.core import signing
 from streaming import context, events, registry, runtime
 from streaming.context import RunContext
 from streaming.db import SyncReader, conninfo_from_django
-from streaming.events import CANCELLED_ERROR, Status, TaskKey
+from streaming.events import CANCELLED_ERROR, Append, Status, TaskKey
 from streaming.exceptions import LeaseLost, TaskNotStarted
 from streaming.hub import Subscription
 from streaming.runs import Enqueued, RunSpec, status_now
-from streaming.writer import Append
 
 logger = logging.getLogger(__name__)
 
 _SIGNER_SALT = "streaming.stream_url"
 
 
-def run_spec(model: registry.TaskModel, key: TaskKey, settings: Any) -> RunSpec:
+def run_spec(model: registry.TaskModel, settings: Any) -> RunSpec:
     """What the run store needs to queue a task of ``model``."""
     return RunSpec(
-        key,
         model._meta.db_table,
         model._meta.pk.column,
         model.max_attempts or settings.MAX_ATTEMPTS,
@@ -41,6 +39,7 @@ class TaskCoordinator:
     def __init__(self) -> None:
         self._sync: SyncReader | None = None
         self._clients: dict[int, asyncio.Task[None]] = {}
+        self._specs: dict[registry.TaskModel, RunSpec] = {}  # per model, built once
 
     # -- starting -------------------------------------------------------------------------
 
@@ -75,7 +74,10 @@ class TaskCoordinator:
     async def enqueue_key(self, model: registry.TaskModel, key: TaskKey) -> Enqueued:
         """Queue the task ``key`` of ``model`` if it never was; its run either way."""
         rt = await runtime.current()
-        run = await rt.store.enqueue(run_spec(model, key, rt.settings))
+        spec = self._specs.get(model)
+        if spec is None:
+            spec = self._specs[model] = run_spec(model, rt.settings)
+        run = await rt.store.enqueue(key, spec)
         if run.created:
             logger.info("queued task %s (run %s)", key.path, run.run_id)
         return run
@@ -139,8 +141,7 @@ class TaskCoordinator:
     async def append_event(self, task: Any, event_type: str, data: dict[str, Any]) -> int:
         data_json = events.validate(event_type, data)
         ctx = _context(task)
-        rt = await runtime.current()
-        seq = await rt.appender.append(Append(ctx.run_id, ctx.attempt, event_type, data_json))
+        seq = await ctx.append(Append(ctx.run_id, ctx.attempt, event_type, data_json))
         if seq is None:
             raise LeaseLost(f"task {ctx.key.path} attempt {ctx.attempt} no longer holds its run")
         return seq
@@ -149,7 +150,7 @@ class TaskCoordinator:
         ctx = _context(task)
         if ctx.finished:
             return
-        json.dumps(final_value)  # TypeError before anything is written
+        json.dumps(final_value, allow_nan=False)  # an error before anything is written
         rt = await runtime.current()
         if await rt.worker.finish(ctx, Status.COMPLETED, final_value) is None:
             raise LeaseLost(f"task {ctx.key.path} attempt {ctx.attempt} no longer holds its run")
@@ -220,7 +221,12 @@ class TaskCoordinator:
 def _context(task: Any) -> RunContext:
     """The run ``task``'s own ``process()`` holds; TaskNotStarted anywhere else."""
     ctx = context.current()
-    if ctx is None or ctx.key != registry.key_of(task):
+    # The identity compared field by field, without building a TaskKey: once per event.
+    if (
+        ctx is None
+        or ctx.key.task_id != task.pk
+        or (ctx.key.model_name != type(task)._meta.object_name)
+    ):
         raise TaskNotStarted(
             f"{type(task).__name__} {task.pk}: events are sent from inside the task's own "
             "process(), while a worker runs it; start it with coordinator.start_task(task)"

@@ -6,9 +6,12 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import FieldDoesNotExist, ValidationError
+from django.db import OperationalError, connections, router
 
 from streaming import registry
-from streaming.exceptions import InvalidFields
+from streaming.db import retrying
+from streaming.exceptions import DatabaseUnavailable, InvalidFields
+from streaming.orm import discard_broken_django_connections
 
 # Fields the package sets itself; the run-state fields are not editable, so refused anyway.
 _RESERVED = frozenset({"created_at", "updated_at", "completed_at", "final_value"})
@@ -42,8 +45,24 @@ def build(model: registry.TaskModel, body: dict[str, Any]) -> Any:
     return task
 
 
-async def create(model: registry.TaskModel, body: dict[str, Any]) -> Any:
-    """Validate and save a new task of ``model`` from field values."""
+def _save(task: Any) -> None:
+    """INSERT the task; DatabaseUnavailable only if it could not even connect (retry-safe)."""
+    discard_broken_django_connections()
+    conn = connections[router.db_for_write(type(task))]
+    try:
+        task.save(force_insert=True)
+    except OperationalError as exc:
+        if conn.connection is None:  # never connected: nothing was sent, nothing written
+            raise DatabaseUnavailable("could not connect to save the task") from exc
+        raise
+
+
+async def create(model: registry.TaskModel, body: dict[str, Any], wait: float = 0.0) -> Any:
+    """Validate and save a new task of ``model`` from field values.
+
+    A database that cannot be reached is waited for up to ``wait`` seconds; an INSERT whose
+    outcome is unknown (the connection broke during it) is never repeated.
+    """
     task = await sync_to_async(build)(model, body)
-    await task.asave()
+    await retrying(lambda: sync_to_async(_save)(task), wait)
     return task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -16,7 +17,7 @@ from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from streaming import queries
-from streaming.exceptions import DatabaseUnavailable
+from streaming.exceptions import DatabaseError, DatabaseUnavailable, DataRefused
 
 logger = logging.getLogger(__name__)
 
@@ -43,13 +44,21 @@ def conninfo_from_django(alias: str = "default") -> str:
 
 @asynccontextmanager
 async def translated_errors() -> AsyncIterator[None]:
-    """Turn psycopg's connection failures into DatabaseUnavailable."""
+    """psycopg's errors as the package's: DatabaseUnavailable, DataRefused, DatabaseError."""
     try:
         yield
     except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
         raise DatabaseUnavailable(str(exc)) from exc
     except PoolTimeout as exc:
         raise DatabaseUnavailable("no database connection available") from exc
+    except psycopg.DataError as exc:
+        raise DataRefused(_first_line(exc)) from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(_first_line(exc)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 async def retrying(op: Callable[[], Awaitable[Any]], deadline: float) -> Any:
@@ -129,15 +138,23 @@ class Listener:
         async with translated_errors():
             # application_name lets operators (and the fault tests) find this process's
             # LISTEN connection in pg_stat_activity, e.g. to pg_terminate_backend it.
-            conn = await psycopg.AsyncConnection.connect(
-                self.conninfo,
-                autocommit=True,
-                connect_timeout=max(1, int(timeout)),
-                application_name=f"{LISTENER_APP_NAME}:{os.getpid()}",
+            connecting = asyncio.ensure_future(
+                psycopg.AsyncConnection.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    connect_timeout=max(1, int(timeout)),
+                    application_name=f"{LISTENER_APP_NAME}:{os.getpid()}",
+                )
             )
+            try:
+                self._conn = conn = await asyncio.shield(connecting)
+            except asyncio.CancelledError:
+                # Closed while connecting (a short-lived loop): finish the connect and close
+                # it, or the server keeps the session until this object is collected.
+                await _close_when_connected(connecting)
+                raise
             listen = psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel))
             await conn.execute(listen)
-        self._conn = conn
 
     async def payloads(self, timeout: float) -> AsyncIterator[str]:
         """Notifications until ``timeout`` seconds pass; raises DatabaseUnavailable on loss."""
@@ -162,6 +179,15 @@ class Listener:
                 await asyncio.wait_for(conn.close(), 2)
             except (TimeoutError, psycopg.Error):
                 logger.debug("closing a broken LISTEN connection failed", exc_info=True)
+
+
+async def _close_when_connected(connecting: asyncio.Future[psycopg.AsyncConnection[Any]]) -> None:
+    try:
+        conn = await asyncio.wait_for(connecting, 5)
+    except BaseException:  # it failed, or took too long: nothing of ours is left open
+        return
+    with contextlib.suppress(psycopg.Error):
+        await conn.close()
 
 
 class SyncReader:

@@ -60,6 +60,16 @@ class TaskKey:
         return {"app_label": self.app_label, "model_name": self.model_name, "task_id": self.task_id}
 
 
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One event to append: to a run, under the attempt that holds it."""
+
+    run_id: int
+    attempt: int
+    event_type: str
+    data_json: str
+
+
 class Event:
     """One committed row of the event log, as its SSE frame (encoded once, shared by all).
 
@@ -112,9 +122,35 @@ def validate(event_type: object, data: object) -> str:
         text = json.dumps(data, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidEventData(f"event data is not JSON-serialisable: {exc}") from exc
-    if "\\u0000" in text:
-        raise InvalidEventData("event data must not contain NUL characters (jsonb rejects them)")
+    except RecursionError as exc:
+        raise InvalidEventData("event data is nested too deeply") from exc
+    if ("\\u0000" in text or "\\ud" in text) and _refused_by_jsonb(data):
+        raise InvalidEventData(
+            "event data must not contain NUL characters or unpaired UTF-16 surrogates "
+            "(jsonb cannot store them)"
+        )
     return text
+
+
+# A NUL, a high surrogate not followed by a low one, or a low one not preceded by a high one.
+_JSONB_REFUSES = re.compile(
+    "\x00|[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]"
+)
+
+
+def _refused_by_jsonb(value: object) -> bool:
+    """Whether any string in ``value`` (keys included) holds what jsonb refuses to store.
+
+    Only called when the JSON text has an escape that may be one of those (rare), so the
+    common event pays one substring test. The six characters ``\\u0000`` are fine.
+    """
+    if isinstance(value, str):
+        return _JSONB_REFUSES.search(value) is not None
+    if isinstance(value, dict):
+        return any(_refused_by_jsonb(k) or _refused_by_jsonb(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_refused_by_jsonb(v) for v in value)
+    return False
 
 
 def iso(moment: datetime) -> str:

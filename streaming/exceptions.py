@@ -45,3 +45,11 @@ class InvalidFields(StreamingError, ValueError):
 
 class DatabaseUnavailable(StreamingError):
     """Postgres could not be reached; the operation may be retried."""
+
+
+class DatabaseError(StreamingError):
+    """Postgres refused a statement (not a connection problem: retrying will not help)."""
+
+
+class DataRefused(DatabaseError, ValueError):
+    """Postgres refused the data of a write, e.g. text that jsonb cannot store."""

@@ -26,7 +26,8 @@ def discard_broken_django_connections() -> None:
             conn.close()
 
 
-def _load(key: TaskKey) -> Any:
+def load(key: TaskKey) -> Any:
+    """The task instance ``key`` names (sync); UnknownTaskModel or TaskNotFound if none."""
     discard_broken_django_connections()
     model = registry.resolve(key.app_label, key.model_name)
     try:
@@ -35,6 +36,5 @@ def _load(key: TaskKey) -> Any:
         raise TaskNotFound(f"task {key.path} does not exist") from exc
 
 
-async def load_task(key: TaskKey) -> Any:
-    """The task instance ``key`` names; UnknownTaskModel or TaskNotFound if there is none."""
-    return await sync_to_async(_load)(key)
+#: ``load`` for the event loop: it runs in asgiref's thread, where the ORM may run.
+load_task = sync_to_async(load)

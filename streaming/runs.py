@@ -22,9 +22,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class RunSpec:
-    """What queuing a task needs to know about it: identity, table, limits."""
+    """What queuing a task needs to know about its model: table, primary key, limits."""
 
-    key: TaskKey
     db_table: str
     pk_column: str
     max_attempts: int
@@ -74,6 +73,18 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim statement did: the run it claimed (if any), and how many it failed.
+
+    A run whose attempts are used up is failed by the claim that finds it (``error`` and
+    ``end`` written, and announced at once); the search then goes on.
+    """
+
+    claim: Claim | None
+    failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class CancelTarget:
     """A run asked to cancel: whether a live worker holds it decides who finishes it."""
 
@@ -120,18 +131,19 @@ def _run(row: Row) -> Run:
 
 
 def _claim(row: Row) -> Claim:
+    """A row of the claim query, after its leading ``claimed`` flag."""
     return Claim(
-        run_id=row[0],
-        key=_key(row, 1),
-        attempt=row[4],
-        timeout=row[5],
-        last_seq=row[6],
-        cancel_requested=row[7],
+        run_id=row[1],
+        key=TaskKey(row[2], row[3], row[4]),
+        attempt=row[5],
+        timeout=row[6],
+        last_seq=row[7],
+        cancel_requested=row[8],
     )
 
 
 def _json(value: Any) -> str | None:
-    return None if value is None else json.dumps(value)
+    return None if value is None else json.dumps(value, allow_nan=False)
 
 
 class RunStore:
@@ -141,12 +153,12 @@ class RunStore:
         self.db = db
         self.log = log
 
-    async def enqueue(self, spec: RunSpec) -> Enqueued:
+    async def enqueue(self, key: TaskKey, spec: RunSpec) -> Enqueued:
         """Create the task's run (pending) unless it exists; the run either way."""
         row = await self.db.fetchone(
             "enqueue",
             {
-                **spec.key.params,
+                **key.params,
                 "db_table": spec.db_table,
                 "pk_column": spec.pk_column,
                 "max_attempts": spec.max_attempts,
@@ -168,15 +180,23 @@ class RunStore:
         rows = await self.db.fetchall("last_seqs", {"run_ids": list(run_ids)})
         return {run_id: last_seq for run_id, last_seq in rows}
 
-    async def claim(self, owner: str, ttl: float, run_id: int | None = None) -> Claim | None:
+    async def claim(self, owner: str, ttl: float, run_id: int | None = None) -> Claimed:
         """Claim one run (this one, or the oldest claimable) under a lease of ``ttl`` s."""
-        row = await self.db.fetchone("claim", {"owner": owner, "ttl": ttl, "run_id": run_id})
-        if row is None:
-            return None
-        claim = _claim(row)
-        if claim.attempt > 1:
-            self.log.committed(claim.run_id, claim.last_seq)  # its ``retry`` event
-        return claim
+        rows = await self.db.fetchall("claim", {"owner": owner, "ttl": ttl, "run_id": run_id})
+        claim: Claim | None = None
+        failed = 0
+        for row in rows:
+            one = _claim(row)
+            if row[0]:
+                claim = one
+                if one.attempt > 1:
+                    self.log.committed(one.run_id, one.last_seq)  # its ``retry`` event
+            else:
+                failed += 1
+                logger.warning("task %s failed: attempts used up", one.key.path)
+                if one.last_seq is not None:
+                    self.log.committed(one.run_id, one.last_seq)  # its error and end
+        return Claimed(claim, failed)
 
     async def heartbeat(
         self, owner: str, ttl: float, held: Sequence[tuple[int, int]]

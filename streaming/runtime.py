@@ -59,7 +59,9 @@ class Runtime:
             origin=origin,
         )
         self.log.watch(self.hub.committed)
-        self.worker = Worker(self.store, orm.load_task, worker_settings(settings))
+        self.worker = Worker(
+            self.store, self.appender.append, orm.load_task, worker_settings(settings)
+        )
         self.hub.on_queued = self.worker.wake
         self.hub.on_cancel = self._cancel_here
         self.background: set[asyncio.Task[Any]] = set()
@@ -94,6 +96,7 @@ class Runtime:
         for task in list(self.background):
             task.cancel()
         await asyncio.gather(*self.background, return_exceptions=True)
+        await self.appender.aclose()
         await self.hub.aclose()
         await self.notifier.aclose()
         await self.db.close()

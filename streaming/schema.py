@@ -24,3 +24,17 @@ def read(name: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{name} not found in {SQL_DIR}")
     return path.read_text()
+
+
+def function(name: str, function: str) -> str:
+    """The ``CREATE FUNCTION`` statement of ``function`` in the DDL file ``name``, as written.
+
+    Migrations that replace a function use it to put the earlier version back on reverse.
+    """
+    text = read(name)
+    match = re.search(
+        rf"^CREATE FUNCTION {re.escape(function)}\(.*?^END \$\$;$", text, re.MULTILINE | re.DOTALL
+    )
+    if match is None:
+        raise LookupError(f"{name} defines no function {function}")
+    return match.group(0)

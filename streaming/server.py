@@ -12,13 +12,16 @@ from typing import Any
 from urllib.parse import quote
 
 import asgineer
+from asgiref.sync import sync_to_async
 from django.db import OperationalError as DjangoOperationalError
 
-from streaming import creation, events, metrics, page, registry, runtime
+from streaming import conf, creation, events, metrics, page, registry, runtime
 from streaming.coordinator import coordinator
+from streaming.db import retrying
 from streaming.events import Status, TaskKey
 from streaming.exceptions import DatabaseUnavailable, InvalidFields, NotFound
 from streaming.hub import Subscription
+from streaming.orm import discard_broken_django_connections
 from streaming.runs import Run
 
 logger = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class StreamServer:
         self.requests += 1
         parts = [p for p in request.path.split("/") if p]
         try:
-            return await self._route(request, parts)
+            return await self._route_waiting(request, parts)
         except BadRequest as exc:
             return _json(400, {"error": str(exc)})
         except NotFound:
@@ -79,6 +82,30 @@ class StreamServer:
             # Postgres is restarting or unreachable: a clear, retryable answer, not a 500.
             logger.warning("%s %s: database unavailable", request.method, request.path)
             return _json(503, {"error": "database unavailable, retry"}, **{"retry-after": "1"})
+
+    async def _route_waiting(
+        self, request: asgineer.HttpRequest, parts: list[str]
+    ) -> Response | None:
+        """Route, waiting out a database blip (a restart, a failover) for DATABASE_WAIT s.
+
+        Safe to repeat: every route reads, or writes idempotently (a GET's enqueue, a
+        cancel request), before it answers. Creation is the exception: it waits inside, for
+        what may be repeated only. A stream that has started answering handles outages
+        itself and never comes back here.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + conf.get().DATABASE_WAIT
+        creating = request.method == "POST" and len(parts) == 3 and parts[0] == "tasks"
+        delay = 0.05
+        while True:
+            try:
+                return await self._route(request, parts)
+            except (DatabaseUnavailable, DjangoOperationalError):
+                if creating or loop.time() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            await sync_to_async(discard_broken_django_connections)()
 
     async def _route(self, request: asgineer.HttpRequest, parts: list[str]) -> Response | None:
         method = request.method
@@ -133,10 +160,13 @@ class StreamServer:
             queued = await coordinator.enqueue_key(found.model, found.key)
             rt = await runtime.current()
             await rt.notifier.flush()
-            run_id = queued.run_id
+            run_id, last_seq = queued.run_id, 0
         else:
-            run_id = run.id
-        await self._follow(request, run_id, found.key, after or 0)
+            run_id, last_seq = run.id, run.last_seq
+        # A Last-Event-ID past the log's end (a client that followed another database, or a
+        # task whose log was deleted) resumes from the end: the client then gets what comes
+        # next, the task's ``end`` included, so its stream closes once the task finishes.
+        await self._follow(request, run_id, found.key, min(after or 0, last_seq))
         return None
 
     async def _follow(
@@ -197,9 +227,10 @@ class StreamServer:
             raise BadRequest(f"body must be a JSON object: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("body must be a JSON object of field values")
-        task = await creation.create(model, body)
+        wait = conf.get().DATABASE_WAIT
+        task = await creation.create(model, body, wait)
         rt = await runtime.current()
-        await coordinator.start_task(task, run_here=rt.worker.claiming)
+        await retrying(lambda: coordinator.start_task(task, run_here=rt.worker.claiming), wait)
         key = registry.key_of(task)
         return _json(
             201,

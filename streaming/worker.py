@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from streaming import context
-from streaming.context import RunContext
+from streaming.context import Appender, RunContext
 from streaming.db import retrying
 from streaming.events import CANCELLED_ERROR, Status, TaskKey
 from streaming.exceptions import DatabaseUnavailable, LeaseLost, NotFound
-from streaming.runs import Claim
+from streaming.runs import Claimed
 
 
 class Runnable(Protocol):
@@ -33,7 +33,7 @@ class Runnable(Protocol):
 class Store(Protocol):
     """The statements of the run store that a worker uses."""
 
-    async def claim(self, owner: str, ttl: float, run_id: int | None = None) -> Claim | None: ...
+    async def claim(self, owner: str, ttl: float, run_id: int | None = None) -> Claimed: ...
 
     async def heartbeat(
         self, owner: str, ttl: float, held: Sequence[tuple[int, int]]
@@ -71,6 +71,7 @@ class _Held:
     ctx: RunContext
     task: asyncio.Task[None] | None = None
     stop_reason: str | None = None  # cancelled | lease_lost | shutdown
+    started: bool = False  # whether ``_execute`` began: a task cancelled before never runs
 
 
 def make_owner() -> str:
@@ -86,9 +87,15 @@ class Worker:
     """Claims runs (all of them, or one that this process started) and executes them."""
 
     def __init__(
-        self, store: Store, loader: Loader, settings: WorkerSettings, owner: str | None = None
+        self,
+        store: Store,
+        appender: Appender,
+        loader: Loader,
+        settings: WorkerSettings,
+        owner: str | None = None,
     ) -> None:
         self.store = store
+        self.append = appender
         self.loader = loader
         self.cfg = settings
         self.owner = owner or make_owner()
@@ -103,6 +110,7 @@ class Worker:
             "lease_lost": 0,
         }
         self.claiming = False
+        self._reserved = 0
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self._last_renewal = time.monotonic()
@@ -126,7 +134,8 @@ class Worker:
 
     @property
     def full(self) -> bool:
-        return len(self.running) >= self.cfg.concurrency
+        # Claims in flight hold their slot: two concurrent claims must not both pass.
+        return len(self.running) + self._reserved >= self.cfg.concurrency
 
     async def _claim_loop(self) -> None:
         while self.claiming:
@@ -155,7 +164,13 @@ class Worker:
         """
         if self.full:
             return False
-        claim = await self.store.claim(self.owner, self.cfg.lease_ttl, run_id)
+        self._reserved += 1
+        try:
+            claimed = await self.store.claim(self.owner, self.cfg.lease_ttl, run_id)
+        finally:
+            self._reserved -= 1
+        self.counts["failed"] += claimed.failed
+        claim = claimed.claim
         if claim is None:
             return False
         self.counts["claimed"] += 1
@@ -169,7 +184,8 @@ class Worker:
             # This process retook its own run (its lease expired while the heartbeat was
             # late): the older attempt is fenced off in SQL; stop it here too.
             self._stop(stale, "lease_lost")
-        held = _Held(RunContext(claim.run_id, claim.attempt, claim.key, claim.timeout))
+        ctx = RunContext(claim.run_id, claim.attempt, claim.key, self.append, claim.timeout)
+        held = _Held(ctx)
         self.running[claim.run_id] = held
         self._ensure_loops()
         held.task = asyncio.get_running_loop().create_task(
@@ -180,14 +196,14 @@ class Worker:
     # -- executing ------------------------------------------------------------------------
 
     async def _execute(self, held: _Held, cancel_requested: bool) -> None:
+        held.started = True
         try:
-            if cancel_requested:
+            if held.stop_reason is not None:  # stopped before this task had begun
+                await self._stopped(held)
+            elif cancel_requested:
                 await self._finish(held.ctx, Status.CANCELLED, None, CANCELLED_ERROR)
-                return
-            instance = await self._load(held.ctx)
-            if instance is not None:
-                with context.running(held.ctx):
-                    await self._run_process(held, instance)
+            else:
+                await self._load_and_run(held)
         except Exception:
             logger.exception("task %s: worker error", held.ctx.key.path)
         finally:
@@ -195,6 +211,20 @@ class Worker:
             if self.running.get(held.ctx.run_id) is held:
                 del self.running[held.ctx.run_id]
             self.wake()
+
+    async def _load_and_run(self, held: _Held) -> None:
+        try:
+            instance = await self._load(held.ctx)
+        except asyncio.CancelledError:  # stopped while the task's row was being read
+            await self._stopped(held)
+            return
+        if instance is None:
+            return
+        token = context.CURRENT.set(held.ctx)
+        try:
+            await self._run_process(held, instance)
+        finally:
+            context.CURRENT.reset(token)
 
     async def _load(self, ctx: RunContext) -> Runnable | None:
         try:
@@ -226,7 +256,7 @@ class Worker:
 
     async def _complete(self, ctx: RunContext, result: Any) -> None:
         try:
-            json.dumps(result)
+            json.dumps(result, allow_nan=False)  # what jsonb stores: no NaN, no Infinity
         except (TypeError, ValueError) as exc:
             await self._finish(
                 ctx,
@@ -309,9 +339,12 @@ class Worker:
             return False
         if held.stop_reason is None:
             # Once only: a second cancel() would land in the finishing write of the first
-            # and abort it, leaving the run "running" until its lease expired.
+            # and abort it, leaving the run "running" until its lease expired. A task that
+            # has not begun is not cancelled (it would never run, nor clean up): it reads
+            # the reason when it begins.
             held.stop_reason = reason
-            held.task.cancel()
+            if held.started:
+                held.task.cancel()
         return True
 
     async def _heartbeat_loop(self) -> None:

@@ -23,8 +23,10 @@ SELECT status FROM streaming_taskrun
 SELECT id, last_seq FROM streaming_taskrun WHERE id = ANY(%(run_ids)s);
 
 -- claim --
-SELECT id, app_label, model_name, task_id, attempt, timeout_seconds, last_seq,
-       cancel_requested_at IS NOT NULL AS cancel_requested
+-- One row per run: the one claimed (claimed = true), and any failed on the way (attempts
+-- used up: their error and end are written, and must be announced).
+SELECT claimed, id, app_label, model_name, task_id, attempt, timeout_seconds, last_seq,
+       cancel_requested
   FROM streaming_claim(%(owner)s, %(ttl)s, %(run_id)s);
 
 -- heartbeat --
@@ -37,8 +39,10 @@ UPDATE streaming_taskrun r
 RETURNING r.id, r.cancel_requested_at IS NOT NULL AS cancel_requested;
 
 -- append_batch --
-SELECT ord, seq, created_at, data, app_label, model_name, task_id FROM streaming_append_batch(
-    %(run_ids)s::bigint[], %(attempts)s::integer[], %(types)s::text[], %(datas)s::jsonb[]);
+-- At most once per (writer, batch): a retried batch returns the rows of its first commit.
+SELECT ord, seq, created_at, data, app_label, model_name, task_id
+  FROM streaming_append_batch_once(%(writer)s, %(batch)s, %(run_ids)s::bigint[],
+       %(attempts)s::integer[], %(types)s::text[], %(datas)s::jsonb[]);
 
 -- finish --
 SELECT streaming_finish(%(run_id)s, %(attempt)s, %(status)s, %(final_value)s::jsonb, %(error)s::jsonb);
@@ -100,6 +104,13 @@ SELECT id, app_label, model_name, task_id, db_table, pk_column
 -- delete_events --
 DELETE FROM streaming_taskevent
  WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
+
+-- forget_writer --
+-- A writer's batch record: dropped when its appender closes, or by retention once stale.
+DELETE FROM streaming_writer WHERE writer = %(writer)s;
+
+-- stale_writers --
+DELETE FROM streaming_writer WHERE updated_at < now() - make_interval(secs => %(hours)s * 3600);
 
 -- delete_run --
 DELETE FROM streaming_taskrun WHERE id = %(run_id)s;

@@ -74,6 +74,8 @@ async def raw_append(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) ->
     cur = await conn.execute(
         queries.get("append_batch").encode(),
         {
+            "writer": f"raw-{run_id}",
+            "batch": i,
             "run_ids": [run_id],
             "attempts": [1],
             "types": ["tick"],
@@ -91,6 +93,8 @@ async def raw_batch(conn: psycopg.AsyncConnection[Any], run_id: int, i: int) -> 
     cur = await conn.execute(
         queries.get("append_batch").encode(),
         {
+            "writer": f"raw-{run_id}",
+            "batch": i,
             "run_ids": [run_id] * BATCH,
             "attempts": [1] * BATCH,
             "types": ["tick"] * BATCH,
@@ -191,8 +195,10 @@ def _notify_inside(rt: runtime.Runtime) -> None:
     appender = rt.appender
     pool = rt.db._pool  # benchmark-only: the variant needs the transaction itself
 
-    async def write(items: list[Any]) -> list[int | None]:
+    async def write(items: list[Any], number: int) -> list[int | None]:
         params = {
+            "writer": appender.writer,
+            "batch": number,
             "run_ids": [i.run_id for i in items],
             "attempts": [i.attempt for i in items],
             "types": [i.event_type for i in items],
@@ -210,7 +216,6 @@ def _notify_inside(rt: runtime.Runtime) -> None:
             await conn.execute(
                 queries.get("notify"), {"channel": rt.settings.CHANNEL, "payload": payload}
             )
-        appender.batches += 1
         appender.appended += len(items)
         return seqs
 

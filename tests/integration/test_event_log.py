@@ -35,7 +35,14 @@ def test_sql_composed_frames_equal_the_python_ones() -> None:
     n = len(datas)
     _named(
         "append_batch",
-        {"run_ids": [run_id] * n, "attempts": [1] * n, "types": ["t"] * n, "datas": datas},
+        {
+            "writer": "test",
+            "batch": 1,
+            "run_ids": [run_id] * n,
+            "attempts": [1] * n,
+            "types": ["t"] * n,
+            "datas": datas,
+        },
     )
     key = TaskKey("tests", "ScriptedTask", 4242)
     params = {**key.params, "after": 0, "limit": 100, "meta": events.meta_prefix(key)}

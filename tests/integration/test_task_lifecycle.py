@@ -220,7 +220,7 @@ async def test_a_stale_attempt_writes_nothing_and_reaches_no_client(rt: Any) -> 
     q: asyncio.Queue = asyncio.Queue()
     await task.add_client(q)
     latest = await asyncio.wait_for(q.get(), 5)
-    from streaming.writer import Append
+    from streaming.events import Append
 
     # attempt 1 finished; attempt 7 never held the run: both are fenced off.
     for attempt in (1, 7):
