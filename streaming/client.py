@@ -262,9 +262,12 @@ class StreamingClient:
         sync_client: httpx.Client | None = None,
         async_client: httpx.AsyncClient | None = None,
         reconnect: ReconnectPolicy | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.reconnect = reconnect or ReconnectPolicy()
+        # Sent with every request: ``{"Authorization": "Bearer <token>"}``, a session cookie…
+        self.headers = dict(headers or {})
         self._sync_client = sync_client
         self._async_client = async_client
         self._lock = threading.Lock()
@@ -273,15 +276,19 @@ class StreamingClient:
     def sync_client(self) -> httpx.Client:
         with self._lock:
             if self._sync_client is None:
-                self._sync_client = httpx.Client(base_url=self.base_url)
+                self._sync_client = httpx.Client(base_url=self.base_url, **self._options())
             return self._sync_client
 
     @property
     def async_client(self) -> httpx.AsyncClient:
         with self._lock:
             if self._async_client is None:
-                self._async_client = httpx.AsyncClient(base_url=self.base_url)
+                self._async_client = httpx.AsyncClient(base_url=self.base_url, **self._options())
             return self._async_client
+
+    def _options(self) -> dict[str, Any]:
+        # The seed's client defaults: follow redirects, 60 s (streams set their own timeout).
+        return {"headers": self.headers, "follow_redirects": True, "timeout": 60.0}
 
     def close(self) -> None:
         """Close the sync httpx client; the next use makes a new one."""
@@ -317,21 +324,40 @@ class StreamingClient:
         return _created(self.sync_client.post(self.url("tasks", app, model), json=fields))
 
     def astream(
-        self, app: str, model: str, task_id: int, last_event_id: int | None = None
+        self,
+        app: str,
+        model: str,
+        task_id: int,
+        last_event_id: int | None = None,
+        token: str | None = None,
     ) -> AsyncIterator[StreamEvent]:
         """The task's events after ``last_event_id``, through its ``end`` event, resuming on errors.
 
-        Close the iterator (``contextlib.aclosing``) to stop early and free the connection.
+        ``token``: a view token (from ``task.stream_url(signed=True)``), sent on every
+        reconnect. Close the iterator (``contextlib.aclosing``) to stop early.
         """
-        resume = _Resume(self.url("stream", app, model, task_id), last_event_id, self.reconnect)
+        resume = _Resume(
+            self._stream_url(app, model, task_id, token), last_event_id, self.reconnect
+        )
         return _afollow(self.async_client, resume)
 
     def stream(
-        self, app: str, model: str, task_id: int, last_event_id: int | None = None
+        self,
+        app: str,
+        model: str,
+        task_id: int,
+        last_event_id: int | None = None,
+        token: str | None = None,
     ) -> Iterator[StreamEvent]:
         """Sync twin of ``astream``."""
-        resume = _Resume(self.url("stream", app, model, task_id), last_event_id, self.reconnect)
+        resume = _Resume(
+            self._stream_url(app, model, task_id, token), last_event_id, self.reconnect
+        )
         return _follow(self.sync_client, resume)
+
+    def _stream_url(self, app: str, model: str, task_id: int, token: str | None) -> str:
+        url = self.url("stream", app, model, task_id)
+        return f"{url}?token={quote(token, safe='')}" if token else url
 
 
 _clients: dict[str, StreamingClient] = {}
@@ -372,14 +398,14 @@ def create_task(app: str, model: str, /, **fields: Any) -> dict[str, Any]:
 
 
 def astream(
-    app: str, model: str, task_id: int, last_event_id: int | None = None
+    app: str, model: str, task_id: int, last_event_id: int | None = None, token: str | None = None
 ) -> AsyncIterator[StreamEvent]:
     """``get_client().astream``."""
-    return get_client().astream(app, model, task_id, last_event_id)
+    return get_client().astream(app, model, task_id, last_event_id, token)
 
 
 def stream(
-    app: str, model: str, task_id: int, last_event_id: int | None = None
+    app: str, model: str, task_id: int, last_event_id: int | None = None, token: str | None = None
 ) -> Iterator[StreamEvent]:
     """``get_client().stream``."""
-    return get_client().stream(app, model, task_id, last_event_id)
+    return get_client().stream(app, model, task_id, last_event_id, token)

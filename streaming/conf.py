@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields
+import json
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -29,6 +30,29 @@ class StreamingSettings:
     CHANNEL: str = "streaming"
     DEFAULT_TASK_TIMEOUT: float | None = None
     DATABASE_WAIT: float = 5.0
+    # -- who may do what (README, "Security") ------------------------------------------
+    POLICY: str | None = None  # dotted path; None: safe default (see streaming.policy)
+    POLICY_OPTIONS: dict[str, Any] = field(default_factory=dict)
+    POLICY_RECHECK_INTERVAL: float = 30.0
+    TOKEN_EXPIRES_IN: float = 3600.0
+    ALLOWED_ORIGINS: tuple[str, ...] = ()  # origins whose pages may POST (besides same-origin)
+    CORS_ALLOWED_ORIGINS: tuple[str, ...] = ()
+    CORS_ALLOW_CREDENTIALS: bool = False
+    METRICS_ALLOWED_ADDRESSES: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    METRICS_TOKEN: str | None = None
+    PROXY_HEADER: str | None = None  # e.g. "x-forwarded-for", when behind a proxy
+    PROXY_TRUSTED: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # -- limits ------------------------------------------------------------------------
+    MAX_STREAMS_PER_CLIENT: int = 64
+    CREATES_PER_MINUTE: int = 60
+    MAX_ACTIVE_PER_MODEL: int = 1000
+    MAX_BODY_BYTES: int = 1 << 20
+    SUBSCRIBER_BUFFER_BYTES: int = 1 << 20
+    PAGE_BYTES: int = 1 << 18
+    SEND_TIMEOUT: float = 30.0
+    MAX_HEADER_BYTES: int = 65536  # a request line and headers, at most (431 beyond)
+    HEADER_TIMEOUT: float = 10.0  # seconds to receive them (408 beyond)
+    IDLE_TIMEOUT: float = 5.0  # seconds a connection may wait for its next request
 
     def __post_init__(self) -> None:
         positive = ("LEASE_TTL", "HEARTBEAT_INTERVAL", "KEEPALIVE_INTERVAL", "WORKER_POLL_INTERVAL")
@@ -39,6 +63,8 @@ class StreamingSettings:
             raise ValueError("STREAMING['HEARTBEAT_INTERVAL'] must be shorter than LEASE_TTL")
         if self.MAX_ATTEMPTS < 1 or self.WORKER_CONCURRENCY < 1 or self.POOL_MAX_SIZE < 1:
             raise ValueError("STREAMING counts (MAX_ATTEMPTS, WORKER_CONCURRENCY, …) must be >= 1")
+        if self.MAX_HEADER_BYTES < 1 or self.HEADER_TIMEOUT <= 0 or self.IDLE_TIMEOUT <= 0:
+            raise ValueError("STREAMING HTTP limits (MAX_HEADER_BYTES, …_TIMEOUT) must be positive")
 
 
 def build(overrides: dict[str, Any]) -> StreamingSettings:
@@ -47,7 +73,13 @@ def build(overrides: dict[str, Any]) -> StreamingSettings:
     unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise ValueError(f"unknown STREAMING settings: {', '.join(unknown)}")
-    return StreamingSettings(**overrides)
+    typed: dict[str, Any] = {
+        name: tuple(value)
+        if str(known[name].type).startswith("tuple") and isinstance(value, list)
+        else value
+        for name, value in overrides.items()
+    }
+    return StreamingSettings(**typed)
 
 
 @functools.cache
@@ -70,6 +102,14 @@ def from_environ(environ: dict[str, str], prefix: str = "STREAMING_") -> dict[st
             out[f.name] = int(raw)
         elif kind.startswith("float"):
             out[f.name] = None if raw.lower() == "none" else float(raw)
+        elif kind.startswith("bool"):
+            out[f.name] = raw.lower() in ("1", "true", "yes", "on")
+        elif kind.startswith("tuple"):
+            out[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+        elif kind.startswith("dict"):
+            out[f.name] = json.loads(raw)
+        elif kind.startswith("str |") and raw.lower() == "none":
+            out[f.name] = None
         else:
             out[f.name] = raw
     return out

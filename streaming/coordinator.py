@@ -7,10 +7,9 @@ import contextlib
 import json
 import logging
 from typing import Any
+from urllib.parse import quote
 
-from django.core import signing
-
-from streaming import context, events, registry, runtime
+from streaming import conf, context, events, registry, runtime, tokens
 from streaming.context import RunContext
 from streaming.db import SyncReader, conninfo_from_django
 from streaming.events import CANCELLED_ERROR, Append, Status, TaskKey
@@ -19,8 +18,6 @@ from streaming.hub import Subscription
 from streaming.runs import Enqueued, RunSpec, status_now
 
 logger = logging.getLogger(__name__)
-
-_SIGNER_SALT = "streaming.stream_url"
 
 
 def run_spec(model: registry.TaskModel, settings: Any) -> RunSpec:
@@ -202,20 +199,20 @@ class TaskCoordinator:
 
     # -- URLs -----------------------------------------------------------------------------
 
-    def stream_url(self, task: Any, signed: bool = False) -> str:
+    def stream_url(self, task: Any, signed: bool = False, expires_in: float | None = None) -> str:
         key = registry.key_of(task)
-        path = key.stream_path
-        if signed:
-            path += "?token=" + signing.Signer(salt=_SIGNER_SALT).sign(key.path).split(":")[-1]
-        return path
+        if not signed:
+            return key.stream_path
+        return f"{key.stream_path}?token={_token(key, 'view', expires_in)}"
 
-    @staticmethod
-    def check_token(key: TaskKey, token: str) -> bool:
-        try:
-            signing.Signer(salt=_SIGNER_SALT).unsign(f"{key.path}:{token}")
-        except signing.BadSignature:
-            return False
-        return True
+    def cancel_url(self, task: Any, expires_in: float | None = None) -> str:
+        key = registry.key_of(task)
+        return f"/tasks/{key.path}/cancel?token={_token(key, 'cancel', expires_in)}"
+
+
+def _token(key: TaskKey, action: str, expires_in: float | None) -> str:
+    seconds = conf.get().TOKEN_EXPIRES_IN if expires_in is None else expires_in
+    return quote(tokens.make(key, action, seconds), safe="")
 
 
 def _context(task: Any) -> RunContext:

@@ -34,6 +34,10 @@ def build(model: registry.TaskModel, body: dict[str, Any]) -> Any:
         ):
             errors[name] = ["this field cannot be set"]
             continue
+        problem = _type_problem(field, value)
+        if problem:
+            errors[name] = [problem]
+            continue
         values[getattr(field, "attname", name)] = value
     if errors:
         raise InvalidFields(errors)
@@ -55,6 +59,61 @@ def _save(task: Any) -> None:
         if conn.connection is None:  # never connected: nothing was sent, nothing written
             raise DatabaseUnavailable("could not connect to save the task") from exc
         raise
+
+
+# The JSON types a field of each kind accepts (bool is not a number here, as in JSON).
+_ACCEPTS: dict[str, tuple[type, ...]] = {
+    "CharField": (str,),
+    "TextField": (str,),
+    "SlugField": (str,),
+    "EmailField": (str,),
+    "URLField": (str,),
+    "UUIDField": (str,),
+    "DateTimeField": (str,),
+    "DateField": (str,),
+    "TimeField": (str,),
+    "DurationField": (str, int, float),
+    "BooleanField": (bool,),
+    "IntegerField": (int,),
+    "BigIntegerField": (int,),
+    "SmallIntegerField": (int,),
+    "PositiveIntegerField": (int,),
+    "PositiveBigIntegerField": (int,),
+    "PositiveSmallIntegerField": (int,),
+    "FloatField": (int, float),
+    "DecimalField": (int, float, str),
+    "ForeignKey": (int, str),
+}
+
+
+def _type_problem(field: Any, value: Any) -> str | None:
+    """Why ``value`` (parsed JSON) cannot be this field's, or None. JSONField takes anything."""
+    kind = field.get_internal_type()
+    if kind == "JSONField" or value is None:
+        return None  # None: the field's own null/blank validation decides
+    accepted = _ACCEPTS.get(kind)
+    if accepted is None:
+        return "this field cannot be set over HTTP"
+    if isinstance(value, bool) and bool not in accepted:
+        return f"expected {_names(accepted)}, got a boolean"
+    if not isinstance(value, accepted):
+        return f"expected {_names(accepted)}, got {_json_type(value)}"
+    return None
+
+
+def _names(types: tuple[type, ...]) -> str:
+    words = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+    return " or ".join(dict.fromkeys(words[t] for t in types))
+
+
+def _json_type(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        float: "a number",
+        int: "an integer",
+    }.get(type(value), "another type")
 
 
 async def create(model: registry.TaskModel, body: dict[str, Any], wait: float = 0.0) -> Any:

@@ -14,6 +14,8 @@ from streaming.exceptions import InvalidEventData, InvalidEventType
 
 EVENT_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 TERMINAL_EVENT = "end"
+#: The metadata keys every event's data gets (``meta_prefix``); user data may not use them.
+RESERVED_KEYS = frozenset({"_task_id", "_app", "_model", "_timestamp", "_seq"})
 _ZERO = timedelta(0)
 
 
@@ -118,13 +120,16 @@ def validate(event_type: object, data: object) -> str:
         raise InvalidEventType(f"event_type must match [A-Za-z0-9_.:-]{{1,64}}, got {event_type!r}")
     if not isinstance(data, dict):
         raise InvalidEventData(f"event data must be a dict, got {type(data).__name__}")
+    if not RESERVED_KEYS.isdisjoint(data):
+        taken = ", ".join(sorted(RESERVED_KEYS.intersection(data)))
+        raise InvalidEventData(f"event data must not use the metadata keys ({taken})")
     try:
         text = json.dumps(data, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidEventData(f"event data is not JSON-serialisable: {exc}") from exc
     except RecursionError as exc:
         raise InvalidEventData("event data is nested too deeply") from exc
-    if ("\\u0000" in text or "\\ud" in text) and _refused_by_jsonb(data):
+    if ("\\u0000" in text or "\\ud" in text) and jsonb_refuses(data):
         raise InvalidEventData(
             "event data must not contain NUL characters or unpaired UTF-16 surrogates "
             "(jsonb cannot store them)"
@@ -138,7 +143,7 @@ _JSONB_REFUSES = re.compile(
 )
 
 
-def _refused_by_jsonb(value: object) -> bool:
+def jsonb_refuses(value: object) -> bool:
     """Whether any string in ``value`` (keys included) holds what jsonb refuses to store.
 
     Only called when the JSON text has an escape that may be one of those (rare), so the
@@ -147,9 +152,9 @@ def _refused_by_jsonb(value: object) -> bool:
     if isinstance(value, str):
         return _JSONB_REFUSES.search(value) is not None
     if isinstance(value, dict):
-        return any(_refused_by_jsonb(k) or _refused_by_jsonb(v) for k, v in value.items())
+        return any(jsonb_refuses(k) or jsonb_refuses(v) for k, v in value.items())
     if isinstance(value, list | tuple):
-        return any(_refused_by_jsonb(v) for v in value)
+        return any(jsonb_refuses(v) for v in value)
     return False
 
 

@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 class LogReader(Protocol):
     """What the hub reads of the event log: a page of a task's events after a seq."""
 
-    page: int
-
     async def read(self, key: TaskKey, after: int, limit: int = ...) -> list[Event]: ...
+
+    def full(self, page: list[Event], limit: int = ...) -> bool:
+        """Whether the page stopped at its bound (rows or bytes): more may follow it."""
+        ...
 
 
 #: Each run's last seq, from the run store (the poll that covers lost notifications).
@@ -43,7 +45,9 @@ class Listener(Protocol):
 class Subscription:
     """One consumer of one task's events; reads the log itself whenever it falls behind."""
 
-    def __init__(self, hub: Hub, topic: _Topic, after: int, buffer: int) -> None:
+    def __init__(
+        self, hub: Hub, topic: _Topic, after: int, buffer: int, buffer_bytes: int = 1 << 20
+    ) -> None:
         self.hub = hub
         self.topic = topic
         self.last = after
@@ -51,17 +55,27 @@ class Subscription:
         self.overflowed = False
         self.closed = False
         self._buffer = buffer
+        self._buffer_bytes = buffer_bytes
+        self._pending_bytes = 0
         self._pending: deque[Event] = deque()
         self._wake = asyncio.Event()
 
     def offer(self, batch: list[Event]) -> None:
         if batch:
             self.latest = max(self.latest, batch[-1].seq)
-        if self.overflowed or len(self._pending) + len(batch) > self._buffer:
+        size = sum(len(ev.frame) for ev in batch)
+        if (
+            self.overflowed
+            or len(self._pending) + len(batch) > self._buffer
+            or self._pending_bytes + size > self._buffer_bytes
+        ):
+            # Too much waiting for a slow client: drop it all; it reads the log itself.
             self.overflowed = True
             self._pending.clear()
+            self._pending_bytes = 0
         else:
             self._pending.extend(batch)
+            self._pending_bytes += size
         self._wake.set()
 
     def poke(self, seq: int) -> None:
@@ -99,6 +113,7 @@ class Subscription:
 
     def _take(self) -> list[Event] | None:
         """Buffered events that follow ``last``; None when the log must be read instead."""
+        self._pending_bytes = 0  # whatever is pending is taken, or dropped, now
         if self.overflowed or self.latest < 0:
             self.overflowed = False
             self._pending.clear()
@@ -127,7 +142,7 @@ class Subscription:
                     return []
                 await asyncio.sleep(0.5)  # the log is the truth; wait for it to come back
         end = batch[-1].seq if batch else self.last
-        if len(batch) == self.hub.log.page:
+        if self.hub.log.full(batch):
             self.latest = max(self.latest, end + 1)
         elif self.latest == seen:
             self.latest = end  # nothing announced meanwhile: the log says where we are
@@ -159,6 +174,7 @@ class Hub:
         listener: Listener,
         *,
         buffer: int = 1024,
+        buffer_bytes: int = 1 << 20,
         health_interval: float = 2.0,
         poll_interval: float = 5.0,
         origin: str = "",
@@ -168,6 +184,7 @@ class Hub:
         self.listener = listener
         self.origin = origin
         self.buffer = buffer
+        self.buffer_bytes = buffer_bytes
         self.health_interval = health_interval
         self.poll_interval = poll_interval
         self.on_queued: Callable[[int], None] = lambda run_id: None
@@ -195,7 +212,7 @@ class Hub:
         topic = self._topics.get(run_id)
         if topic is None:
             topic = self._topics[run_id] = _Topic(run_id, key)
-        sub = Subscription(self, topic, after, self.buffer)
+        sub = Subscription(self, topic, after, self.buffer, self.buffer_bytes)
         topic.subs.add(sub)
         return sub
 

@@ -17,7 +17,13 @@ from streaming.events import Event, TaskKey
 from streaming.exceptions import DatabaseUnavailable
 from streaming.notifier import Notifier
 
-PAGE = 1000
+PAGE = 1000  # rows a read returns at most
+PAGE_BYTES = 1 << 20  # and about this many bytes of frames: a reader holds a page at a time
+
+
+def page_full(page: list[Event], limit: int, max_bytes: int) -> bool:
+    """Whether a read stopped at its bound (rows or bytes): the log may go on after it."""
+    return len(page) >= limit or sum(len(ev.frame) for ev in page) >= max_bytes
 
 
 def to_event(key: TaskKey, row: Row) -> Event:
@@ -35,11 +41,12 @@ class EventLog:
 
     page = PAGE
 
-    def __init__(self, db: Database, notifier: Notifier) -> None:
+    def __init__(self, db: Database, notifier: Notifier, max_bytes: int = PAGE_BYTES) -> None:
         self.db = db
         self.notifier = notifier
+        self.max_bytes = max_bytes
         self.recent = Recent()
-        self.ahead = ReadAhead(db)
+        self.ahead = ReadAhead(db, max_bytes)
         self._watchers: list[Callable[[int, int], None]] = []
 
     def watch(self, callback: Callable[[int, int], None]) -> None:
@@ -73,15 +80,19 @@ class EventLog:
 
     async def read(self, key: TaskKey, after: int, limit: int = PAGE) -> list[Event]:
         """Events of one task with seq > ``after``, in seq order, at most ``limit``."""
-        cached = self.recent.read(key, after, limit)
+        cached = self.recent.read(key, after, limit, self.max_bytes)
         if cached is not None:
             return cached
         page = await self.ahead.take(key, after, limit)
         if page is None:
-            page = await _fetch(self.db, key, after, limit)
-        if len(page) == limit:
+            page = await _fetch(self.db, key, after, limit, self.max_bytes)
+        if self.full(page, limit):
             self.ahead.start(key, page[-1].seq, limit)
         return page
+
+    def full(self, page: list[Event], limit: int = PAGE) -> bool:
+        """Whether ``page`` (of a ``read``) stopped at a bound: read on after its last seq."""
+        return page_full(page, limit, self.max_bytes)
 
     async def read_last(self, key: TaskKey) -> Event | None:
         row = await self.db.fetchone("read_last_event", key.params)
@@ -93,7 +104,7 @@ class EventLog:
         while True:
             page = await self.read(key, after)
             out.extend(page)
-            if len(page) < PAGE:
+            if not self.full(page):
                 return out
             after = page[-1].seq
 
@@ -108,10 +119,16 @@ class EventLog:
         }
 
 
-async def _fetch(db: Database, key: TaskKey, after: int, limit: int) -> list[Event]:
+async def _fetch(db: Database, key: TaskKey, after: int, limit: int, max_bytes: int) -> list[Event]:
     rows = await db.fetchall(
         "read_frames",
-        {**key.params, "after": after, "limit": limit, "meta": events.meta_prefix(key)},
+        {
+            **key.params,
+            "after": after,
+            "limit": limit,
+            "meta": events.meta_prefix(key),
+            "max_bytes": max_bytes,
+        },
     )
     return [Event(seq, event_type, frame.encode()) for seq, event_type, frame in rows]
 
@@ -196,7 +213,9 @@ class Recent:
         if key is not None:
             self._drop(key)
 
-    def read(self, key: TaskKey, after: int, limit: int) -> list[Event] | None:
+    def read(
+        self, key: TaskKey, after: int, limit: int, max_bytes: int = PAGE_BYTES
+    ) -> list[Event] | None:
         """The events after ``after`` if this window holds all that exist, else None."""
         window = self._windows.get(key)
         if window is None:
@@ -208,7 +227,13 @@ class Recent:
             return None
         self.hits += 1
         start = after + 1 - first
-        return [to_event(key, row) for row in islice(window.rows, start, start + limit)]
+        page = [to_event(key, row) for row in islice(window.rows, start, start + limit)]
+        size = 0
+        for n, ev in enumerate(page):  # the same byte bound as the SQL read
+            if size >= max_bytes:
+                return page[:n]
+            size += len(ev.frame)
+        return page
 
     def _drop(self, key: TaskKey) -> None:
         window = self._windows.pop(key, None)
@@ -229,8 +254,11 @@ class ReadAhead:
     fresh, so that a reader never mistakes an older tail for the end of the log.
     """
 
-    def __init__(self, db: Database, slots: int = 16, max_age: float = 5.0) -> None:
+    def __init__(
+        self, db: Database, max_bytes: int = PAGE_BYTES, slots: int = 16, max_age: float = 5.0
+    ) -> None:
         self.db = db
+        self.max_bytes = max_bytes
         self.slots = slots
         self.max_age = max_age
         self.hits = 0
@@ -242,7 +270,9 @@ class ReadAhead:
         slot = (key, after, limit)
         if slot in self._pages:
             return
-        task = asyncio.get_running_loop().create_task(_fetch(self.db, key, after, limit))
+        task = asyncio.get_running_loop().create_task(
+            _fetch(self.db, key, after, limit, self.max_bytes)
+        )
         task.add_done_callback(_retrieve)
         self._pages[slot] = (time.monotonic(), task)
         while len(self._pages) > self.slots:
@@ -261,7 +291,7 @@ class ReadAhead:
             page = await asyncio.shield(task)
         except DatabaseUnavailable:
             return None
-        if len(page) != limit:
+        if not page_full(page, limit, self.max_bytes):
             return None
         self.hits += 1
         return page

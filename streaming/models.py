@@ -37,9 +37,6 @@ class StreamTask(models.Model):
     timeout: ClassVar[float | None] = None
     #: Whether ``POST /tasks/{app}/{model}`` may create tasks of this model.
     allow_http_create: ClassVar[bool] = False
-    #: Whether the HTTP API shows this model's tasks only with a ``?token=`` from
-    #: ``stream_url(signed=True)``; without one they get the same 404 as an unknown task.
-    require_signed_url: ClassVar[bool] = False
 
     class Meta:
         abstract = True
@@ -83,9 +80,14 @@ class StreamTask(models.Model):
     async def remove_client(self, queue: asyncio.Queue[dict[str, Any]]) -> None:
         await coordinator.remove_client(self, queue)
 
-    def stream_url(self, signed: bool = False) -> str:
-        """The path of this task's SSE stream (``signed`` adds a token, see README)."""
-        return coordinator.stream_url(self, signed=signed)
+    def stream_url(self, signed: bool = False, expires_in: float | None = None) -> str:
+        """The path of this task's SSE stream; ``signed`` adds a view token valid for
+        ``expires_in`` seconds (the TOKEN_EXPIRES_IN setting by default)."""
+        return coordinator.stream_url(self, signed=signed, expires_in=expires_in)
+
+    def cancel_url(self, expires_in: float | None = None) -> str:
+        """The path that cancels this task, with a cancel token (``POST`` it)."""
+        return coordinator.cancel_url(self, expires_in=expires_in)
 
     async def acancel(self) -> bool:
         """Ask for this task to be cancelled, wherever it runs. False if already finished."""
@@ -98,11 +100,6 @@ class StreamTask(models.Model):
 
     async def aevents(self, after: int = 0) -> list[dict[str, Any]]:
         return await coordinator.history(self, after)
-
-    @classmethod
-    def can_view(cls, task_id: int, headers: dict[str, str]) -> bool:
-        """Whether an HTTP caller with these headers may see a task; False gives a 404."""
-        return True
 
 
 class TaskRun(models.Model):

@@ -13,7 +13,7 @@ _TEMPLATE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>__TITLE__</title>
-<style>
+<style nonce="__NONCE__">
   body { font: 15px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 46rem;
          padding: 0 1rem; color: #1d2329; }
   h1 { font-size: 1.3rem; margin-bottom: .2rem; }
@@ -35,7 +35,7 @@ _TEMPLATE = """<!doctype html>
 <span id="status">connecting</span><span id="conn"></span>
 <progress id="bar" max="1" value="0"></progress>
 <ol id="events"></ol>
-<script>
+<script nonce="__NONCE__">
 (function () {
   const url = __STREAM_URL__;
   const seen = [];
@@ -99,12 +99,38 @@ _TEMPLATE = """<!doctype html>
 KNOWN_TYPES = ("start", "progress", "complete", "retry", "error", "cancelled", "end")
 
 
-def render(key: TaskKey, stream_url: str, extra_types: tuple[str, ...] = ()) -> str:
-    """The page for one task, following ``stream_url``."""
+def render(
+    key: TaskKey, stream_url: str, extra_types: tuple[str, ...] = (), nonce: str = ""
+) -> str:
+    """The page for one task, following ``stream_url``; its style and script carry ``nonce``
+    (the Content-Security-Policy of the response allows only those)."""
     title = html.escape(f"{key.model_name} #{key.task_id}")
     types = list(dict.fromkeys(KNOWN_TYPES + extra_types))
+    # json.dumps does not escape "</script>": "<" as \u003c keeps the data inside the script.
     return (
         _TEMPLATE.replace("__TITLE__", title)
-        .replace("__STREAM_URL__", json.dumps(stream_url))
-        .replace("__TYPES__", json.dumps(types))
+        .replace("__NONCE__", html.escape(nonce))
+        .replace("__STREAM_URL__", _js(stream_url))
+        .replace("__TYPES__", _js(types))
     )
+
+
+def headers(nonce: str) -> dict[str, str]:
+    """The security headers of the page: only its own style and script, only its own stream."""
+    csp = (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; "
+        "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    )
+    return {
+        "content-type": "text/html; charset=utf-8",
+        "content-security-policy": csp,
+        "x-content-type-options": "nosniff",
+        "x-frame-options": "DENY",
+        "referrer-policy": "no-referrer",
+        "cache-control": "no-store",
+    }
+
+
+def _js(value: object) -> str:
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e")

@@ -175,6 +175,11 @@ class RunStore:
         row = await self.db.fetchone("get_run", key.params)
         return _run(row) if row else None
 
+    async def active_count(self, key: TaskKey) -> int:
+        """How many tasks of ``key``'s model are queued or running (its id is ignored)."""
+        row = await self.db.fetchone("active_runs", key.params)
+        return int(row[0]) if row else 0
+
     async def last_seqs(self, run_ids: Sequence[int]) -> dict[int, int]:
         """The last seq of each of these runs."""
         rows = await self.db.fetchall("last_seqs", {"run_ids": list(run_ids)})

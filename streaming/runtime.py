@@ -44,7 +44,7 @@ class Runtime:
         origin = uuid.uuid4().hex[:8]
         self.db = Database(conninfo, settings.POOL_MIN_SIZE, settings.POOL_MAX_SIZE)
         self.notifier = Notifier(self.db, settings.CHANNEL, settings.NOTIFY_DELAY, origin)
-        self.log = EventLog(self.db, self.notifier)
+        self.log = EventLog(self.db, self.notifier, settings.PAGE_BYTES)
         self.store = RunStore(self.db, self.log)
         self.appender = Appender(
             self.db, self.log, settings.GROUP_COMMIT_MAX_BATCH, settings.LEASE_TTL
@@ -54,6 +54,7 @@ class Runtime:
             self.store.last_seqs,
             Listener(conninfo, settings.CHANNEL),
             buffer=settings.SUBSCRIBER_BUFFER,
+            buffer_bytes=settings.SUBSCRIBER_BUFFER_BYTES,
             health_interval=settings.LISTEN_HEALTH_INTERVAL,
             poll_interval=settings.HUB_POLL_INTERVAL,
             origin=origin,

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import httpx
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from streaming.models import StreamTask
@@ -15,9 +16,12 @@ from streaming.models import StreamTask
 class ExampleTask(StreamTask):
     """Three progress steps between a start and a complete event."""
 
+    # Bounded, as every model that accepts HTTP creation should be: one request, bounded work.
     message = models.CharField(max_length=255, default="Hello from ExampleTask")
-    total_steps = models.PositiveIntegerField(default=3)
-    step_delay = models.FloatField(default=0.01)
+    total_steps = models.PositiveIntegerField(default=3, validators=[MaxValueValidator(1000)])
+    step_delay = models.FloatField(
+        default=0.01, validators=[MinValueValidator(0.0), MaxValueValidator(10.0)]
+    )
 
     allow_http_create = True
 
@@ -107,9 +111,12 @@ class HttpxFetchTask(StreamTask):
 class ScriptedTask(StreamTask):
     """A task shaped by its fields, for tests: how many events, how fast, how big, failing."""
 
-    ticks = models.PositiveIntegerField(default=5)
-    delay = models.FloatField(default=0.0)
-    payload_size = models.PositiveIntegerField(default=0)
+    # Bounded for HTTP creation: at most 10,000 events of 64 KiB, 10 s apart.
+    ticks = models.PositiveIntegerField(default=5, validators=[MaxValueValidator(10_000)])
+    delay = models.FloatField(
+        default=0.0, validators=[MinValueValidator(0.0), MaxValueValidator(10.0)]
+    )
+    payload_size = models.PositiveIntegerField(default=0, validators=[MaxValueValidator(65_536)])
     fail_at = models.IntegerField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
 

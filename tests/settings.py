@@ -1,4 +1,9 @@
-"""Settings of the example project; manage.py and the tests use them."""
+"""Settings of the example project; manage.py and the tests use them.
+
+A development project: its SECRET_KEY is public and it lets anyone do anything
+(``streaming.policy.AllowAll``), so that the README's curl and EventSource lines work as
+they do with the seed. Never serve it on a network others reach; see README, "Security".
+"""
 
 from __future__ import annotations
 
@@ -70,7 +75,10 @@ DATABASES = {
     )
 }
 
-STREAMING = from_environ(dict(os.environ))
+STREAMING = {
+    "POLICY": "streaming.policy.AllowAll",  # development only: see the module docstring
+    **from_environ(dict(os.environ)),
+}
 
 LOGGING = {
     "version": 1,

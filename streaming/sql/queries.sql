@@ -19,6 +19,12 @@ SELECT id, app_label, model_name, task_id, status, attempt, last_seq, final_valu
 SELECT status FROM streaming_taskrun
  WHERE app_label = %(app_label)s AND model_name = %(model_name)s AND task_id = %(task_id)s;
 
+-- active_runs --
+-- Queued or running tasks of one model (the claimable index covers the status filter).
+SELECT count(*) FROM streaming_taskrun
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s
+   AND status IN ('pending', 'running') AND %(task_id)s IS NOT NULL;
+
 -- last_seqs --
 SELECT id, last_seq FROM streaming_taskrun WHERE id = ANY(%(run_ids)s);
 
@@ -76,9 +82,11 @@ SELECT seq, event_type, data::text, created_at, attempt
  LIMIT %(limit)s;
 
 -- read_frames --
--- A page of events as ready SSE frames (see streaming_read_frames in migrations_sql/0002).
+-- A page of events as ready SSE frames, at most %(limit)s rows and about %(max_bytes)s
+-- bytes (see streaming_read_frames in migrations_sql/0002 and 0006).
 SELECT seq, event_type, frame FROM streaming_read_frames(
-    %(app_label)s, %(model_name)s, %(task_id)s, %(after)s, %(limit)s, %(meta)s);
+    %(app_label)s, %(model_name)s, %(task_id)s, %(after)s, %(limit)s, %(meta)s,
+    %(max_bytes)s::bigint);
 
 -- read_last_event --
 SELECT seq, event_type, data::text, created_at, attempt

@@ -178,11 +178,18 @@ def test_create_status_and_field_errors_over_http(server: ManagedProcess) -> Non
     assert status["status"] == "completed" and status["last_seq"] == 4
     bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": "many", "nope": 1})
     assert bad.status_code == 400
-    assert set(bad.json()["errors"]) == {"nope"}
+    assert set(bad.json()["errors"]) == {"nope", "ticks"}  # unknown, and not an integer
     bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", json={"ticks": -3})
     assert bad.status_code == 400 and "ticks" in bad.json()["errors"]
-    assert httpx.post(server.url + "/tasks/tests/ScriptedTask", content=b"[1]").status_code == 400
-    assert httpx.post(server.url + "/tasks/tests/ScriptedTask", content=b"{").status_code == 400
+    as_json = {"content-type": "application/json"}
+    for body in (b"[1]", b"{", b'{"ticks": NaN}', b'{"ticks": 1, "ticks": 2}'):
+        bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", content=body, headers=as_json)
+        assert bad.status_code == 400, body
+    # Not JSON at all: a form or text/plain body (what a cross-site page can send) is a 415.
+    for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+        headers = {"content-type": kind} if kind else {}
+        bad = httpx.post(server.url + "/tasks/tests/ScriptedTask", content=b"{}", headers=headers)
+        assert bad.status_code == 415, kind
     # Models that did not opt in cannot be created over HTTP.
     assert httpx.post(server.url + "/tasks/tests/TimeoutTask", json={}).status_code == 404
 

@@ -145,8 +145,9 @@ class Failures:
 class FakeLog:
     """A list-backed event log per task: the hub's ``LogReader`` and its ``LastSeqs``."""
 
-    def __init__(self, page: int = 1000) -> None:
+    def __init__(self, page: int = 1000, page_bytes: int = 1 << 30) -> None:
         self.page = page
+        self.page_bytes = page_bytes
         self.events: dict[TaskKey, list[Event]] = {}
         self.runs: dict[int, TaskKey] = {}
         self.reads = 0
@@ -196,7 +197,17 @@ class FakeLog:
             await asyncio.sleep(0)  # a read is never instantaneous
         self.failures.check()
         rows = self.events.get(key, [])
-        return [ev for ev in rows if ev.seq > after][:limit]
+        page: list[Event] = []
+        size = 0
+        for ev in rows:
+            if ev.seq > after and len(page) < limit and size < self.page_bytes:
+                page.append(ev)
+                size += len(ev.frame)
+        return page
+
+    def full(self, page: list[Event], limit: int = -1) -> bool:
+        limit = self.page if limit < 0 else limit
+        return len(page) >= limit or sum(len(ev.frame) for ev in page) >= self.page_bytes
 
     async def last_seqs(self, run_ids: Sequence[int]) -> dict[int, int]:
         self.last_seq_calls.append(list(run_ids))

@@ -351,3 +351,29 @@ def test_importing_the_client_needs_neither_django_nor_psycopg() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_stream_token_rides_on_every_reconnect(kind: str) -> None:
+    server = Server(cut(1, 2), sse(3, end=4))
+    client = make_client(server)
+    try:
+        if kind == "sync":
+            got = list(client.stream("tests", "ExampleTask", 42, token="a:b/c"))
+        else:
+            got = [e async for e in client.astream("tests", "ExampleTask", 42, token="a:b/c")]
+    finally:
+        await client.aclose()
+    assert ids(got) == [1, 2, 3, 4]
+    assert [r.url.params.get("token") for r in server.requests] == ["a:b/c", "a:b/c"]
+    assert server.last_event_ids() == [None, "2"]
+
+
+def test_headers_and_the_seeds_defaults_reach_the_clients_it_makes() -> None:
+    client = StreamingClient(BASE, headers={"Authorization": "Bearer t0k"})
+    try:
+        for http in (client.sync_client, client.async_client):
+            assert http.headers["authorization"] == "Bearer t0k"
+            assert http.follow_redirects is True
+            assert http.timeout.read == 60.0
+    finally:
+        client.close()

@@ -411,3 +411,31 @@ async def test_two_runs_are_followed_independently(hub: Hub, log: FakeLog) -> No
     assert a.seqs == [] and b.seqs == [1, 2]
     await a.close()
     await b.close()
+
+
+async def test_pages_cut_by_bytes_still_reach_every_event() -> None:
+    """A log read bounded in bytes (a short page that is still full) is read on, not taken
+    for the end: every event arrives once, in order."""
+    log = FakeLog(page=1000, page_bytes=600)  # a few frames per page
+    hub = Hub(log, log.last_seqs, FakeListener(), buffer=1024)
+    log.add_run(RUN, TASK)
+    log.extend(TASK, 40, end=True)
+    sub = hub.subscribe(RUN, TASK, 0)
+    got: list[int] = []
+    async with asyncio.timeout(5):
+        async for batch in sub.batches(5):
+            got.extend(ev.seq for ev in batch)
+    assert got == list(range(1, 42))
+    assert log.reads > 5  # it really was read in several byte-bounded pages
+
+
+async def test_a_slow_subscriber_buffers_at_most_its_bytes() -> None:
+    log = FakeLog()
+    hub = Hub(log, log.last_seqs, FakeListener(), buffer=1024, buffer_bytes=2000)
+    log.add_run(RUN, TASK)
+    sub = hub.subscribe(RUN, TASK, 0)
+    batch = log.extend(TASK, 30)
+    sub.offer(batch[:5])
+    assert not sub.overflowed
+    sub.offer(batch[5:])  # far past 2,000 bytes: dropped, to be read from the log
+    assert sub.overflowed and sub._pending_bytes == 0 and not sub._pending
