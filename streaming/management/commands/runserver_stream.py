@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming import conf
+from streaming import conf, policy, server
 from streaming.serve import ServeOptions, run
 
 DEFAULT_SOCKET = "/tmp/streaming-coordinator.sock"
@@ -46,6 +47,10 @@ class Command(BaseCommand):
         if not sock and not (host or port):
             sock = DEFAULT_SOCKET
         settings = conf.get()
+        try:
+            server.check_secret_key(policy.load(settings))
+        except (ImproperlyConfigured, ImportError, TypeError, ValueError) as exc:
+            raise CommandError(f"cannot serve: {exc}") from exc
         run(
             ServeOptions(
                 host=host or ("127.0.0.1" if port else None),
