@@ -13,7 +13,7 @@ from streaming import conf, context, events, registry, runtime, tokens
 from streaming.context import RunContext
 from streaming.db import SyncReader, conninfo_from_django
 from streaming.events import CANCELLED_ERROR, Append, Status, TaskKey
-from streaming.exceptions import LeaseLost, TaskNotStarted
+from streaming.exceptions import DatabaseUnavailable, LeaseLost, TaskNotStarted
 from streaming.hub import Subscription
 from streaming.runs import Enqueued, RunSpec, status_now
 
@@ -85,7 +85,11 @@ class TaskCoordinator:
         # this runs, so a short-lived process never claims a task it cannot keep.
         await asyncio.sleep(0)
         await asyncio.sleep(0)
-        await rt.worker.claim(run_id)
+        try:
+            await rt.worker.claim(run_id)
+        except DatabaseUnavailable:
+            # It stays queued: a worker's claim loop (here or elsewhere) takes it later.
+            logger.warning("claiming run %s here failed: database unavailable", run_id)
 
     async def get_task_instance(self, *args: Any) -> Any:
         """``(app, model, id)`` or ``(model, id)``: the task, started if it never was."""

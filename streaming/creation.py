@@ -56,9 +56,22 @@ def _save(task: Any) -> None:
     try:
         task.save(force_insert=True)
     except OperationalError as exc:
-        if conn.connection is None:  # never connected: nothing was sent, nothing written
-            raise DatabaseUnavailable("could not connect to save the task") from exc
+        # Retry-safe only when the INSERT cannot have run: no connection was made, or the
+        # server had ended the session before reading it (a restart's "terminating
+        # connection due to administrator command", a server still starting up).
+        if conn.connection is None or _sqlstate(exc) in _ENDED_BEFORE:
+            discard_broken_django_connections()
+            raise DatabaseUnavailable("could not reach the database to save the task") from exc
         raise
+
+
+# admin_shutdown, crash_shutdown, cannot_connect_now: the backend ended before the statement.
+_ENDED_BEFORE = frozenset({"57P01", "57P02", "57P03"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) if cause is not None else None
 
 
 # The JSON types a field of each kind accepts (bool is not a number here, as in JSON).
@@ -98,6 +111,11 @@ def _type_problem(field: Any, value: Any) -> str | None:
         return f"expected {_names(accepted)}, got a boolean"
     if not isinstance(value, accepted):
         return f"expected {_names(accepted)}, got {_json_type(value)}"
+    if kind in ("FloatField", "DurationField") and isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return "this number is too large"
     return None
 
 

@@ -79,7 +79,11 @@ async def retrying(op: Callable[[], Awaitable[Any]], deadline: float) -> Any:
 class Database:
     """A small async pool bound to one event loop; every statement is named."""
 
-    def __init__(self, conninfo: str, min_size: int = 1, max_size: int = 4) -> None:
+    def __init__(
+        self, conninfo: str, min_size: int = 1, max_size: int = 4, wait: float = 10.0
+    ) -> None:
+        """``wait``: seconds a statement waits for a pooled connection before failing with
+        DatabaseUnavailable (callers that must wait longer retry)."""
         self.conninfo = conninfo
         self.queries_run = 0
         self._pool = AsyncConnectionPool(
@@ -90,7 +94,7 @@ class Database:
             kwargs={"autocommit": True},
             check=AsyncConnectionPool.check_connection,
             reconnect_timeout=0,
-            timeout=10,
+            timeout=wait,
             name="streaming",
         )
 

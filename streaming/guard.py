@@ -94,8 +94,12 @@ def origin_may_post(
 
 def cors_headers(origin: str | None, settings: conf.StreamingSettings) -> dict[str, str]:
     """The CORS answer for ``origin``: the exact origin echoed, never ``*``."""
-    if origin is None or origin not in settings.CORS_ALLOWED_ORIGINS:
+    if not settings.CORS_ALLOWED_ORIGINS:
         return {}
+    # Vary on every answer once CORS is on: a shared cache must not hand one origin's
+    # answer (with or without the allow header) to another.
+    if origin is None or origin not in settings.CORS_ALLOWED_ORIGINS:
+        return {"vary": "Origin"}
     out = {"access-control-allow-origin": origin, "vary": "Origin"}
     if settings.CORS_ALLOW_CREDENTIALS:
         out["access-control-allow-credentials"] = "true"

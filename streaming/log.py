@@ -46,25 +46,15 @@ class EventLog:
         self.notifier = notifier
         self.max_bytes = max_bytes
         self.recent = Recent()
+        #: ``record(run_id, key, seq, type, data_json, created_at, attempt)``: a row this
+        #: process just committed, before its commit is announced (kept in the recent rows).
+        self.record = self.recent.add
         self.ahead = ReadAhead(db, max_bytes)
         self._watchers: list[Callable[[int, int], None]] = []
 
     def watch(self, callback: Callable[[int, int], None]) -> None:
         """Call ``callback(run_id, seq)`` on every commit announced in this process."""
         self._watchers.append(callback)
-
-    def record(
-        self,
-        run_id: int,
-        key: TaskKey,
-        seq: int,
-        event_type: str,
-        data_json: str,
-        created_at: datetime,
-        attempt: int,
-    ) -> None:
-        """A row this process just committed, before its commit is announced."""
-        self.recent.add(run_id, key, seq, event_type, data_json, created_at, attempt)
 
     def committed(self, run_id: int, seq: int) -> None:
         """Rows up to ``seq`` of the run are committed: tell local watchers and other hosts."""

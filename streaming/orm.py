@@ -6,11 +6,11 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ObjectDoesNotExist
-from django.db import connections
+from django.db import InterfaceError, OperationalError, connections
 
 from streaming import registry
 from streaming.events import TaskKey
-from streaming.exceptions import TaskNotFound
+from streaming.exceptions import DatabaseUnavailable, TaskNotFound
 
 
 def discard_broken_django_connections() -> None:
@@ -27,13 +27,18 @@ def discard_broken_django_connections() -> None:
 
 
 def load(key: TaskKey) -> Any:
-    """The task instance ``key`` names (sync); UnknownTaskModel or TaskNotFound if none."""
+    """The task instance ``key`` names (sync); UnknownTaskModel or TaskNotFound if none,
+    DatabaseUnavailable when Postgres could not answer."""
     discard_broken_django_connections()
     model = registry.resolve(key.app_label, key.model_name)
     try:
         return model._default_manager.get(pk=key.task_id)
     except ObjectDoesNotExist as exc:
         raise TaskNotFound(f"task {key.path} does not exist") from exc
+    except (OperationalError, InterfaceError) as exc:
+        # The server restarted or the connection broke: retryable, like the pool's errors.
+        discard_broken_django_connections()
+        raise DatabaseUnavailable(f"loading task {key.path}: {exc}") from exc
 
 
 #: ``load`` for the event loop: it runs in asgiref's thread, where the ORM may run.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,6 +168,9 @@ def uses_tokens(policy: Policy) -> bool:
     return isinstance(policy, AnyOf) and any(uses_tokens(p) for p in policy.policies)
 
 
+_SESSION_KEY = re.compile(r"[a-z0-9]{8,64}")
+
+
 def _auth_installed() -> bool:
     apps = django_settings.INSTALLED_APPS
     return "django.contrib.auth" in apps and "django.contrib.sessions" in apps
@@ -181,7 +185,9 @@ async def _session_user(cookies: Mapping[str, str]) -> Any:
     from django.utils.module_loading import import_string as load_class
 
     session_key = cookies.get(django_settings.SESSION_COOKIE_NAME)
-    if not session_key:
+    # Django's session keys are lower-case letters and digits: anything else (a NUL, a
+    # megabyte) names no session, and must not reach the session store's query.
+    if not session_key or not _SESSION_KEY.fullmatch(session_key):
         return AnonymousUser()
     store: type[SessionBase] = load_class(f"{django_settings.SESSION_ENGINE}.SessionStore")
     # aget_user reads only request.session: a stand-in, not a whole HttpRequest.

@@ -42,7 +42,10 @@ class Runtime:
     def __init__(self, settings: conf.StreamingSettings, conninfo: str) -> None:
         self.settings = settings
         origin = uuid.uuid4().hex[:8]
-        self.db = Database(conninfo, settings.POOL_MIN_SIZE, settings.POOL_MAX_SIZE)
+        # A short wait for a pooled connection: during an outage a request fails fast and
+        # is retried until DATABASE_WAIT, instead of blocking in the pool past it.
+        wait = min(10.0, max(0.5, settings.DATABASE_WAIT / 3))
+        self.db = Database(conninfo, settings.POOL_MIN_SIZE, settings.POOL_MAX_SIZE, wait)
         self.notifier = Notifier(self.db, settings.CHANNEL, settings.NOTIFY_DELAY, origin)
         self.log = EventLog(self.db, self.notifier, settings.PAGE_BYTES)
         self.store = RunStore(self.db, self.log)

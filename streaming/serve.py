@@ -9,12 +9,15 @@ import os
 import signal
 from collections.abc import Generator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+import httptools
 import uvicorn
 from asgiref.sync import sync_to_async
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from streaming import runtime
+from streaming import conf, runtime
 from streaming.orm import discard_broken_django_connections
 from streaming.server import StreamServer, build_app
 
@@ -63,6 +66,7 @@ class Process:
     async def _serve(self) -> None:
         o = self.options
         app = _with_usable_connections(build_app(self.stream_server))
+        settings = conf.get()
         config = uvicorn.Config(
             app,
             host=o.host or "127.0.0.1",
@@ -71,9 +75,15 @@ class Process:
             lifespan="off",
             log_level=o.log_level,
             access_log=False,
+            # The client's address comes from guard.client_address (PROXY_HEADER and
+            # PROXY_TRUSTED): uvicorn must not rewrite it from X-Forwarded-For first.
+            proxy_headers=False,
             timeout_graceful_shutdown=2,
             loop="none",
-            http="auto",
+            http=_GuardedHttpToolsProtocol,  # "auto" would fall back to h11, unguarded
+            ws="none",  # WebSocket upgrades get a 400 from _GuardedHttpToolsProtocol
+            # Typed int, but only ever handed to loop.call_later: a float is fine.
+            timeout_keep_alive=settings.IDLE_TIMEOUT,  # type: ignore[arg-type]
         )
         self.uvicorn = _QuietServer(config)
         await self.uvicorn.serve()
@@ -125,6 +135,144 @@ def _with_usable_connections(app: Any) -> Any:
         await app(scope, receive, send)
 
     return wrapped
+
+
+# While no head is being read, bytes are fed to the parser this many at a time (at most), so
+# that a head which begins inside a chunk (after the end of a body or a pipelined request)
+# is counted to within one slice.
+_SLICE = 8192
+
+
+class _GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits a server facing the internet needs.
+
+    uvicorn bounds neither the size of a request's head nor the time it takes to arrive, and
+    arms its keep-alive timer only after a response: a connection that never completes a
+    head (or never sends a byte) stays open for good. Here, per connection:
+
+    - the head (request line and headers) may take ``MAX_HEADER_BYTES``: beyond, a 431 and
+      the connection is closed, before the parser buffers more;
+    - it must arrive within ``HEADER_TIMEOUT`` of its first byte (or of the previous
+      response's end, on a keep-alive connection): then a 408, or a plain close if nothing
+      of it came;
+    - a connection waits at most ``IDLE_TIMEOUT`` for a request (uvicorn's keep-alive
+      timer, armed here from the connection's start too);
+    - a WebSocket upgrade is answered 400: there is no WebSocket endpoint.
+
+    None of this runs while a response is in progress: an SSE stream may stay quiet for
+    minutes. uvicorn internals relied on (0.54): the parser callbacks ``on_message_begin``,
+    ``on_headers_complete`` and ``on_response_complete``, the attributes ``parser``,
+    ``headers``, ``cycle`` (its ``response_complete`` and ``keep_alive``), ``transport``,
+    ``loop``, ``logger``, ``timeout_keep_alive[_task]``, and ``send_400_response``,
+    ``timeout_keep_alive_handler``, ``_unset_keepalive_if_required``. ``data_received`` is
+    replaced, not extended.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        settings = conf.get()
+        self.max_head = settings.MAX_HEADER_BYTES
+        self.head_timeout = settings.HEADER_TIMEOUT
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_size: int | None = None  # bytes of the head being read; None: none is
+        self.refused = False  # a request was refused: nothing more is read
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._stop_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        if not self._responding():
+            self._start_head_timer()
+        view = memoryview(data)
+        while view and not self.refused and not self.transport.is_closing():
+            if self.head_size is None:
+                size = min(_SLICE, self.max_head)
+            else:
+                size = self.max_head - self.head_size
+                if size <= 0:
+                    logger.warning("request head over %d bytes: 431", self.max_head)
+                    self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                    return
+            piece, view = view[:size], view[size:]
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade:
+                # A WebSocket was refused in on_headers_complete; any other upgrade (h2c) is
+                # ignored (RFC 9110 7.8): its request is being answered over HTTP/1.1.
+                return
+            except httptools.HttpParserError:
+                if not self.refused:  # else _Refused, raised by on_headers_complete
+                    self.logger.warning("Invalid HTTP request received.")
+                    self.send_400_response("Invalid HTTP request received.")
+                return
+            if self.head_size is not None:  # all of it, if the head began inside the piece
+                self.head_size += len(piece)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_size = 0
+
+    def on_headers_complete(self) -> None:
+        self.head_size = None
+        self._stop_head_timer()
+        if any(k == b"upgrade" and v.strip().lower() == b"websocket" for k, v in self.headers):
+            self._refuse(HTTPStatus.BAD_REQUEST, b"WebSocket is not supported: use SSE\n")
+            raise _Refused  # stops the parser: nothing more of this connection is read
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._responding():
+            self._start_head_timer()  # the next request's head is due from now
+
+    def _responding(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _start_head_timer(self) -> None:
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.head_size is None:  # only blank lines, or nothing: close quietly
+            self.transport.close()
+        else:
+            logger.info("request head not received in %ss: 408", self.head_timeout)
+            self._refuse(HTTPStatus.REQUEST_TIMEOUT)
+
+    def _refuse(self, status: HTTPStatus, body: bytes | None = None) -> None:
+        """Answer ``status`` and close. Behind a response in progress (a pipelined request),
+        close after that response instead: the refusal must not land inside it."""
+        self.refused = True
+        if self._responding():
+            self.cycle.keep_alive = False  # uvicorn closes the connection after it
+            return
+        body = body or f"{status.phrase}\n".encode()
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+            % (status.value, status.phrase.encode(), len(body), body)
+        )
+        self.transport.close()
+
+
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing a connection that was just refused."""
 
 
 class _QuietServer(uvicorn.Server):

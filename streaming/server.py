@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote
 
 import asgineer
 from asgiref.sync import sync_to_async
@@ -24,11 +27,9 @@ from streaming.coordinator import coordinator
 from streaming.db import retrying
 from streaming.events import Status, TaskKey
 from streaming.exceptions import (
-    DatabaseError,
     DatabaseUnavailable,
     InvalidFields,
     NotFound,
-    StreamingError,
 )
 from streaming.hub import Subscription
 from streaming.orm import discard_broken_django_connections
@@ -124,7 +125,9 @@ class StreamServer:
             # Postgres is restarting or unreachable: a clear, retryable answer, not a 500.
             logger.warning("%s %s: database unavailable", request.method, request.path)
             answer = _json(503, {"error": "database unavailable, retry"}, **{"retry-after": "1"})
-        except (DatabaseError, StreamingError):
+        except Exception:
+            # The handler's boundary: a bug. Logged with its traceback; the client gets no
+            # internals (asgineer's own 500 would echo the exception).
             logger.exception("%s %s failed", request.method, request.path)
             answer = _json(500, {"error": "internal error"})
         if answer is None:
@@ -135,13 +138,13 @@ class StreamServer:
         return status, {**headers, **call.headers}, body
 
     def _call(self, request: asgineer.HttpRequest) -> Call:
-        headers = request.headers
+        headers = _headers(request.scope)
         peer = (request.scope.get("client") or ("", 0))[0] or ""
         who = Request(
             method=request.method,
             path=request.path,
             headers=headers,
-            query=request.querydict,
+            query=_query(request.scope),
             cookies=_cookies(headers.get("cookie", "")),
             client=guard.client_address(peer, headers, self.settings),
         )
@@ -150,7 +153,7 @@ class StreamServer:
     async def _guarded(self, call: Call) -> Response | None:
         request = call.http
         if not guard.host_allowed(
-            request.headers.get("host"), list(django_settings.ALLOWED_HOSTS), django_settings.DEBUG
+            call.who.headers.get("host"), list(django_settings.ALLOWED_HOSTS), django_settings.DEBUG
         ):
             raise BadRequest("invalid Host header")
         if request.method == "OPTIONS":
@@ -160,7 +163,7 @@ class StreamServer:
 
     @staticmethod
     def _preflight(call: Call) -> Response:
-        if not call.headers:  # an origin the settings do not allow: no CORS for it
+        if "access-control-allow-origin" not in call.headers:  # not an allowed origin
             raise HttpError(403, "origin not allowed")
         return 204, dict(guard.PREFLIGHT), b""
 
@@ -235,17 +238,18 @@ class StreamServer:
     # -- routes ---------------------------------------------------------------------------
 
     async def stream(self, call: Call, found: Found) -> Response | None:
-        after = _last_event_id(call.http)
+        after = _last_event_id(call)
         run = found.run
         if run is not None and run.finished:
-            wants_sse = "text/event-stream" in call.http.headers.get("accept", "")
+            wants_sse = "text/event-stream" in call.who.headers.get("accept", "")
             if after is None and not wants_sse:
                 return _json(200, _finished_json(run))
             if after is not None and after >= run.last_seq:
                 return 204, {}, b""
         if run is None:  # a GET on a never-started task queues it, if the caller may start it
             if not await self._allowed(call, Action.START, found.model, found.key):
-                raise NotFound(found.key.path)
+                # The caller may view it (``_find`` checked), so the refusal is no secret.
+                raise HttpError(403, "not allowed to start this task")
             queued = await coordinator.enqueue_key(found.model, found.key)
             rt = await runtime.current()
             await rt.notifier.flush()
@@ -301,6 +305,11 @@ class StreamServer:
         """Ask the policy again every POLICY_RECHECK_INTERVAL s: revoked access ends the stream."""
         while not sub.closed:
             await asyncio.sleep(self.settings.POLICY_RECHECK_INTERVAL)
+            # Asked afresh: a new Request, so the user (and Django's permission cache on
+            # it) is loaded again and a revoked permission or session is seen.
+            call = dataclasses.replace(
+                call, who=dataclasses.replace(call.who, _user=None, _user_loaded=False)
+            )
             try:
                 allowed = await self._allowed(call, Action.VIEW, found.model, found.key)
             except Exception:  # a loop boundary: a failing policy is a refusal
@@ -314,7 +323,7 @@ class StreamServer:
         """An HTML page that follows the task's stream with EventSource."""
         rt = await runtime.current()
         logged = await rt.log.event_types(found.key)
-        query = call.http.querydict
+        query = call.who.query
         wanted = [t for t in query.get("types", "").split(",") if events.EVENT_TYPE_RE.fullmatch(t)]
         stream_url = found.key.stream_path
         if query.get("token"):
@@ -345,11 +354,13 @@ class StreamServer:
             )
         rt = await runtime.current()
         key = registry.key_of_model(model, 0)
-        if await rt.store.active_count(key) >= self.settings.MAX_ACTIVE_PER_MODEL:
+        wait = self.settings.DATABASE_WAIT
+        # Creation waits out a database blip step by step (it is not retried as a whole).
+        active = await retrying(lambda: rt.store.active_count(key), wait)
+        if active >= self.settings.MAX_ACTIVE_PER_MODEL:
             raise HttpError(
                 429, "too many tasks of this model queued or running", **{"retry-after": "10"}
             )
-        wait = self.settings.DATABASE_WAIT
         task = await creation.create(model, body, wait)
         await retrying(lambda: coordinator.start_task(task, run_here=rt.worker.claiming), wait)
         key = registry.key_of(task)
@@ -366,7 +377,7 @@ class StreamServer:
 
     async def metrics(self, call: Call) -> Response:
         if not guard.metrics_allowed(
-            call.who.client, call.http.headers.get("authorization"), self.settings
+            call.who.client, call.who.headers.get("authorization"), self.settings
         ):
             raise NotFound("metrics")
         rt = await runtime.current()
@@ -400,10 +411,10 @@ def _check_post(call: Call, settings: conf.StreamingSettings, body: bool) -> Non
     """A POST is JSON (so a cross-site form or ``text/plain`` body cannot be one) and comes
     from no page, the same origin, or an allowed one: together they stop CSRF. A cancel
     takes no body, or a JSON one."""
-    kind = call.http.headers.get("content-type", "").split(";")[0].strip().lower()
+    kind = call.who.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "application/json" and (body or kind):
         raise HttpError(415, "the body must be application/json")
-    headers = call.http.headers
+    headers = call.who.headers
     if not guard.origin_may_post(headers.get("origin"), headers.get("host"), settings):
         raise HttpError(403, "cross-origin request refused")
 
@@ -416,7 +427,10 @@ async def _json_body(request: asgineer.HttpRequest, limit: int) -> dict[str, Any
         raise HttpError(413, f"the body is larger than {limit} bytes") from exc
     try:
         body = json.loads(
-            raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_no_duplicates
+            raw.decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_float=_finite,
+            object_pairs_hook=_no_duplicates,
         )
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest("the body must be a JSON object of field values") from exc
@@ -425,6 +439,13 @@ async def _json_body(request: asgineer.HttpRequest, limit: int) -> dict[str, Any
     if events.jsonb_refuses(body):
         raise BadRequest("the body holds NUL characters or unpaired surrogates")
     return body
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e400: JSON has no infinity
+        raise ValueError(f"{text} is too large")
+    return value
 
 
 def _no_constant(name: str) -> Any:
@@ -445,10 +466,24 @@ def _cookies(header: str) -> dict[str, str]:
     return {name: morsel.value for name, morsel in jar.items()}
 
 
-def _last_event_id(request: asgineer.HttpRequest) -> int | None:
-    raw = request.headers.get("last-event-id")
+def _headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    """The request's headers, lower-case names, decoded as latin-1: any byte is valid there
+    (asgineer's ``request.headers`` decodes UTF-8 and raises on the rest). A repeated header
+    keeps its last value."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _query(scope: Mapping[str, Any]) -> dict[str, str]:
+    """The query string's parameters; bytes that are not UTF-8 become U+FFFD (none of the
+    parameters the server reads can hold them: they are refused later, as malformed)."""
+    text = scope.get("query_string", b"").decode("latin-1")
+    return dict(parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="replace"))
+
+
+def _last_event_id(call: Call) -> int | None:
+    raw = call.who.headers.get("last-event-id")
     if raw is None:
-        raw = request.querydict.get("last_event_id")
+        raw = call.who.query.get("last_event_id")
     if raw is None or raw.strip() == "":
         return None
     return _int(raw.strip(), "Last-Event-ID")

@@ -55,7 +55,11 @@ async def rt(transactional_db: None) -> AsyncIterator[Any]:
 def _clean_log(request: pytest.FixtureRequest) -> Iterator[None]:
     """Empty the SQL-managed tables after tests that committed (Django's flush skips them)."""
     yield
-    if "transactional_db" not in request.fixturenames and "live_db" not in request.fixturenames:
+    marker = request.node.get_closest_marker("django_db")
+    committed = bool(marker and marker.kwargs.get("transaction")) or any(
+        name in request.fixturenames for name in ("transactional_db", "live_db", "live_server")
+    )
+    if not committed:
         return
     from django.db import connection
 

@@ -122,3 +122,20 @@ DELETE FROM streaming_writer WHERE updated_at < now() - make_interval(secs => %(
 
 -- delete_run --
 DELETE FROM streaming_taskrun WHERE id = %(run_id)s;
+
+-- delete_task_runs --
+-- The admin's delete (in Django's transaction, with the tasks' own rows): runs first, which
+-- locks them, so no append can add an event after the events' delete.
+DELETE FROM streaming_taskrun
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s
+   AND task_id = ANY(%(task_ids)s::bigint[])
+RETURNING id, status IN ('pending', 'running');
+
+-- delete_task_events --
+DELETE FROM streaming_taskevent
+ WHERE app_label = %(app_label)s AND model_name = %(model_name)s
+   AND task_id = ANY(%(task_ids)s::bigint[]);
+
+-- notify_in_transaction --
+-- A NOTIFY in the caller's transaction, delivered when it commits (the admin's delete).
+SELECT pg_notify(%(channel)s, %(payload)s);
