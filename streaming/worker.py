@@ -230,10 +230,13 @@ class Worker:
         try:
             # Retried through an outage, as the terminal write is: a restart while the
             # task's row loads must not leave the run "running" until its lease expires.
-            loaded: Runnable = await retrying(
-                lambda: self.loader(ctx.key), self.cfg.finish_retry_for
-            )
-            return loaded
+            try:
+                return await self.loader(ctx.key)
+            except DatabaseUnavailable:
+                loaded: Runnable = await retrying(
+                    lambda: self.loader(ctx.key), self.cfg.finish_retry_for
+                )
+                return loaded
         except NotFound as exc:
             # The task's row (or model) is gone: fail now rather than leave the run to
             # expire and be retried until its attempts are used up. The error names the
