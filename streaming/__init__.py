@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StreamTask", "get_client"]
+__version__ = "0.3.0"
+__all__ = ["StreamTask", "StreamingClient", "__version__", "get_client"]
 
 
 def __getattr__(name: str) -> Any:
@@ -13,8 +14,8 @@ def __getattr__(name: str) -> Any:
         from streaming.models import StreamTask
 
         return StreamTask
-    if name == "get_client":
-        from streaming.client import get_client
+    if name in ("get_client", "StreamingClient"):
+        from streaming import client
 
-        return get_client
+        return getattr(client, name)
     raise AttributeError(f"module 'streaming' has no attribute {name!r}")

@@ -11,7 +11,7 @@ class StreamingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from streaming import registry
+        from streaming import checks, registry  # noqa: F401  (checks registers itself)
         from streaming.models import StreamTask
 
         registry.fill(

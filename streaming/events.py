@@ -198,8 +198,13 @@ def _sse_data(frame: bytes) -> str:
     return text[start : text.index("\n", start)]
 
 
-def retry_frame(retry_ms: int) -> bytes:
-    return f"retry: {retry_ms}\n\n".encode()
+def retry_field(retry_ms: int) -> bytes:
+    """The ``retry:`` line, to put at the head of an event's block (not a block of its own)."""
+    return f"retry: {retry_ms}\n".encode()
+
+
+#: The first bytes of every stream: a comment (every client skips it).
+OPEN_FRAME = b": stream\n\n"
 
 
 KEEPALIVE_FRAME = b": keep-alive\n\n"

@@ -279,7 +279,11 @@ class StreamServer:
         ]
         try:
             await request.accept(200, {**SSE_HEADERS, **call.headers})
-            await request.send(events.retry_frame(rt.settings.SSE_RETRY_MS))
+            # A comment first, so that the headers go out now (uvicorn sends them with the
+            # first body bytes); the ``retry:`` field rides in the first event's block, as a
+            # block of its own would be a data-less event to some clients (httpx-sse).
+            await request.send(events.OPEN_FRAME)
+            retry: bytes | None = events.retry_field(rt.settings.SSE_RETRY_MS)
             async for batch in sub.batches(rt.settings.KEEPALIVE_INTERVAL):
                 if sub.closed:
                     break
@@ -289,6 +293,8 @@ class StreamServer:
                     if len(batch) == 1
                     else b"".join([ev.frame for ev in batch]) or events.KEEPALIVE_FRAME
                 )
+                if retry is not None and batch:
+                    data, retry = retry + data, None
                 # A client that does not read holds this send: past SEND_TIMEOUT it is cut,
                 # and resumes with its Last-Event-ID, rather than pinning what it was sent.
                 async with asyncio.timeout(self.settings.SEND_TIMEOUT):

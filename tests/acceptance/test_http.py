@@ -219,3 +219,28 @@ def test_cancel_over_http_ends_the_stream_with_cancelled_then_end(server: Manage
     assert events[-1].data["status"] == "cancelled"
     again = httpx.post(f"{server.url}/tasks/tests/ScriptedTask/{task.pk}/cancel")
     assert again.status_code == 409
+
+
+def test_the_seeds_httpx_sse_loop_reads_a_whole_stream(server: ManagedProcess) -> None:
+    """The seed's documented client loop: ``json.loads(event.data)`` for every event. No
+    block may be data-less (a lone ``retry:`` block was one); ``retry`` still arrives."""
+    import json
+
+    from httpx_sse import connect_sse
+
+    task = ScriptedTask.objects.create(ticks=5, delay=0.02)
+    seen: list[tuple[int, str, dict[str, object]]] = []
+    retries: list[int] = []
+    with (
+        httpx.Client(timeout=30) as http,
+        connect_sse(http, "GET", f"{server.url}/stream/tests/ScriptedTask/{task.pk}") as src,
+    ):
+        for sse in src.iter_sse():
+            seen.append((int(sse.id), sse.event, json.loads(sse.data)))
+            if sse.retry is not None:
+                retries.append(sse.retry)
+    assert [(seq, kind) for seq, kind, _ in seen] == [(i, "tick") for i in range(1, 6)] + [
+        (6, "end")
+    ]
+    assert retries == [1000]  # once, on the first event
+    assert seen[-1][2]["status"] == "completed"

@@ -51,3 +51,19 @@ def test_seq_is_unique_per_task_in_the_database() -> None:
             "INSERT INTO streaming_taskevent (app_label, model_name, task_id, seq, attempt, "
             "event_type, data) VALUES ('a', 'M', 1, 2, 1, 'bad type', '{}')"
         )
+
+
+def test_the_system_check_refuses_a_database_that_is_not_postgres(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from django.conf import settings
+    from django.core import checks as django_checks
+
+    from streaming import checks
+
+    assert checks.postgres_engine() == []
+    assert checks.postgres_version(databases=["default"]) == []  # the test server is 14+
+    monkeypatch.setitem(settings.DATABASES["default"], "ENGINE", "django.db.backends.sqlite3")
+    errors = checks.postgres_engine()
+    assert [e.id for e in errors] == ["streaming.E001"] and "PostgreSQL 14" in errors[0].msg
+    assert "streaming.E001" in [e.id for e in django_checks.run_checks()]

@@ -75,3 +75,12 @@ def test_names_needing_json_escapes_stay_valid_json() -> None:
     key = TaskKey('we"ird', "M\\odel", 1)
     ev = events.build(key, 1, "x", '{"a": "b"}', WHEN, 1)
     assert ev.payload()["_app"] == 'we"ird' and ev.payload()["_model"] == "M\\odel"
+
+
+def test_the_package_exports_what_the_seed_exports() -> None:
+    import streaming
+    from streaming.client import StreamingClient, get_client
+
+    assert streaming.StreamingClient is StreamingClient and streaming.get_client is get_client
+    assert streaming.__version__.count(".") == 2
+    assert {"StreamTask", "StreamingClient", "get_client", "__version__"} <= set(streaming.__all__)
