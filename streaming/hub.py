@@ -60,10 +60,13 @@ class Subscription:
         self._pending: deque[Event] = deque()
         self._wake = asyncio.Event()
 
-    def offer(self, batch: list[Event]) -> None:
+    def offer(self, batch: list[Event], size: int | None = None) -> None:
+        """Hand over a batch; ``size`` is its frames' bytes (the hub computes it once for all
+        subscribers of a task)."""
         if batch:
             self.latest = max(self.latest, batch[-1].seq)
-        size = sum(len(ev.frame) for ev in batch)
+        if size is None:
+            size = sum(len(ev.frame) for ev in batch)
         if (
             self.overflowed
             or len(self._pending) + len(batch) > self._buffer
@@ -255,8 +258,9 @@ class Hub:
                     topic.fetched = max(start, topic.fetched)
                     break
                 topic.fetched = batch[-1].seq
+                size = sum(len(ev.frame) for ev in batch)  # once, not once per subscriber
                 for sub in list(topic.subs):
-                    sub.offer(batch)
+                    sub.offer(batch, size)
         except DatabaseUnavailable:
             logger.warning(
                 "reading run %s for subscribers failed; the poll will retry", topic.run_id
