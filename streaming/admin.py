@@ -21,10 +21,8 @@ events and a link to the task's watch page; its actions start and cancel tasks.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
 
@@ -40,7 +38,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
-from streaming import conf, notifier, queries, registry, runtime, tokens
+from streaming import conf, notifier, queries, registry, tokens
 from streaming.coordinator import coordinator
 from streaming.events import FINISHED, Status, TaskKey
 from streaming.models import StreamTask, TaskEvent, TaskRun
@@ -56,33 +54,6 @@ DATA_PREVIEW_CHARS = 120
 EVENT_TYPE_SAMPLE = 10_000
 
 _FINISHED_STATUSES = sorted(str(s) for s in FINISHED)
-
-
-# -- running the coordinator from a sync view ------------------------------------------------
-
-
-def run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    """Run ``fn()`` on a fresh event loop and close that loop's streaming runtime before the
-    loop ends: nothing it opened (pool, LISTEN connection, background tasks) outlives the call.
-
-    Admin actions are sync. ``async_to_sync`` would run the coroutine on an outer event loop
-    when there is one (a Django ASGI server's), whose runtime other requests share and which
-    must not be shut down here; ``asyncio.run`` gives the action a loop and a runtime of its
-    own. A thread runs it when this one already runs a loop.
-    """
-
-    async def scoped() -> T:
-        try:
-            return await fn()
-        finally:
-            await runtime.shutdown()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(scoped())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="streaming-admin") as pool:
-        return pool.submit(asyncio.run, scoped()).result()
 
 
 # -- re-running finished tasks ----------------------------------------------------------------
@@ -312,12 +283,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
+        return False  # which also drops the delete_selected action (it needs this permission)
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Any], search_term: str
@@ -576,30 +542,18 @@ class StreamTaskAdmin(admin.ModelAdmin):
     @admin.action(description="Start selected tasks (those never started)", permissions=["add"])
     def start_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         tasks = list(queryset)
-
-        async def start() -> int:
-            rt = await runtime.current()
-            created = 0
+        queued = 0
+        with transaction.atomic():
             for task in tasks:
-                run = await coordinator.enqueue_key(type(task), registry.key_of(task))
-                created += run.created
-            await rt.notifier.flush()
-            return created
-
-        queued = run_async(start)
+                queued += coordinator.enqueue_sync_key(type(task), registry.key_of(task)).created
         self._report(request, queued, len(tasks), "queued", "already started")
 
     @admin.action(description="Cancel selected tasks", permissions=["change"])
     def cancel_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
         keys = [registry.key_of(task) for task in queryset]
-
-        async def cancel() -> int:
-            done = 0
-            for key in keys:
-                done += await coordinator.cancel_task(key.app_label, key.model_name, key.task_id)
-            return done
-
-        cancelled = run_async(cancel)
+        cancelled = 0
+        for key in keys:
+            cancelled += coordinator.cancel_task_sync(key.app_label, key.model_name, key.task_id)
         self._report(request, cancelled, len(keys), "cancelled", "finished or never started")
 
     def _report(self, request: HttpRequest, done: int, of: int, what: str, why: str) -> None:
@@ -621,5 +575,4 @@ __all__ = [
     "TaskRunAdmin",
     "delete_logs",
     "register",
-    "run_async",
 ]

@@ -18,9 +18,7 @@ class StreamingConfig(AppConfig):
             [
                 m
                 for m in apps.get_models()
-                if issubclass(m, StreamTask)
-                and not m._meta.abstract
-                and not m._meta.proxy
-                and not m._meta.swapped
+                # Proxies too: a proxy's own process() runs its tasks, keyed by its own name.
+                if issubclass(m, StreamTask) and not m._meta.abstract and not m._meta.swapped
             ]
         )

@@ -9,7 +9,9 @@ import logging
 from typing import Any
 from urllib.parse import quote
 
-from streaming import conf, context, events, registry, runtime, tokens
+from asgiref.sync import sync_to_async
+
+from streaming import conf, context, events, registry, runtime, syncdb, tokens
 from streaming.context import RunContext
 from streaming.db import SyncReader, conninfo_from_django
 from streaming.events import CANCELLED_ERROR, Append, Status, TaskKey
@@ -48,33 +50,63 @@ class TaskCoordinator:
         *,
         run_here: bool = True,
     ) -> None:
-        """Queue ``task`` durably (idempotent) and try to claim it in this process.
+        """Queue ``task`` durably (idempotent); claim it here when this loop runs a worker.
 
         Accepts the seed's ``(task, app, model)`` and ``(task, model)`` forms and ``(task)``.
+        On a loop without a runtime (``asyncio.run`` in a shell, a Django async view) the
+        task is queued through Django's connection, and a worker elsewhere runs it.
         """
         key = registry.key_of(task)
         _check_names(key, app_name, model_name)
-        rt = await runtime.current()
+        rt = runtime.existing()
+        if rt is None:
+            await sync_to_async(self.enqueue_sync_key)(type(task), key)
+            return
         run = await self.enqueue_key(type(task), key)
         if run.status == Status.PENDING:
             await rt.notifier.flush()  # wake workers now: this loop may end on return
             if run_here:
                 rt.spawn(self._claim_soon(rt, run.run_id))
 
+    def start_task_sync(
+        self, task: Any, app_name: str | None = None, model_name: str | None = None
+    ) -> None:
+        """``start_task`` for sync code: queued in the caller's transaction, for any worker."""
+        key = registry.key_of(task)
+        _check_names(key, app_name, model_name)
+        self.enqueue_sync_key(type(task), key)
+
     async def enqueue(self, task: Any) -> int:
         """Queue ``task`` for any worker without running it here; returns its run id."""
-        rt = await runtime.current()
+        rt = runtime.existing()
+        if rt is None:
+            return await sync_to_async(self.enqueue_sync)(task)
         run = await self.enqueue_key(type(task), registry.key_of(task))
         await rt.notifier.flush()
         return run.run_id
 
+    def enqueue_sync(self, task: Any) -> int:
+        """``enqueue`` for sync code (in the caller's transaction); returns the run id."""
+        return self.enqueue_sync_key(type(task), registry.key_of(task)).run_id
+
+    def enqueue_sync_key(self, model: registry.TaskModel, key: TaskKey) -> Enqueued:
+        """``enqueue_key`` for sync code."""
+        settings = conf.get()
+        run = syncdb.enqueue(key, self._spec(model, settings), settings.CHANNEL)
+        if run.created:
+            logger.info("queued task %s (run %s)", key.path, run.run_id)
+        return run
+
+    def _spec(self, model: registry.TaskModel, settings: Any) -> RunSpec:
+        spec = self._specs.get(model)
+        if spec is None:
+            spec = self._specs[model] = run_spec(model, settings)
+        return spec
+
     async def enqueue_key(self, model: registry.TaskModel, key: TaskKey) -> Enqueued:
         """Queue the task ``key`` of ``model`` if it never was; its run either way."""
         rt = await runtime.current()
-        spec = self._specs.get(model)
-        if spec is None:
-            spec = self._specs[model] = run_spec(model, rt.settings)
-        run = await rt.store.enqueue(key, spec)
+        run = await rt.store.enqueue(key, self._spec(model, rt.settings))
         if run.created:
             logger.info("queued task %s (run %s)", key.path, run.run_id)
         return run
@@ -103,10 +135,27 @@ class TaskCoordinator:
             await self.start_task(task)
         return task
 
+    def get_task_instance_sync(self, *args: Any) -> Any:
+        """``get_task_instance`` for sync code."""
+        app, model_name, task_id = _split_args(args)
+        try:
+            model = registry.resolve(app, model_name)
+        except LookupError:
+            return None
+        task = model._default_manager.filter(pk=task_id).first()
+        if task is not None:
+            self.start_task_sync(task)
+        return task
+
     def is_task_running(self, *args: Any) -> bool:
         """``(app, model, id)`` or ``(model, id)``: started and not finished, on any host."""
         app, model_name, task_id = _split_args(args)
-        status = status_now(self._sync_reader(), registry.key_for(app, model_name, task_id))
+        key = registry.key_for(app, model_name, task_id)
+        if _in_event_loop():
+            # Django's connection is off limits here; a connection of this thread's own.
+            status = status_now(self._sync_reader(), key)
+        else:
+            status = syncdb.status(key)
         return status is not None and not status.finished
 
     def close(self) -> None:
@@ -126,7 +175,9 @@ class TaskCoordinator:
         """Cancel a task wherever it runs; False when it is finished or was never started."""
         app, model_name, task_id = _split_args(args)
         key = registry.key_for(app, model_name, task_id)
-        rt = await runtime.current()
+        rt = runtime.existing()
+        if rt is None:
+            return await sync_to_async(self.cancel_task_sync)(*args)
         target = await rt.store.request_cancel(key)
         if target is None:
             return False
@@ -136,6 +187,12 @@ class TaskCoordinator:
             rt.notifier.cancel(target.run_id)
         await rt.notifier.flush()
         return True
+
+    def cancel_task_sync(self, *args: Any) -> bool:
+        """``cancel_task`` for sync code (in the caller's transaction)."""
+        app, model_name, task_id = _split_args(args)
+        key = registry.key_for(app, model_name, task_id)
+        return syncdb.cancel(key, conf.get().CHANNEL, CANCELLED_ERROR)
 
     # -- writing --------------------------------------------------------------------------
 
@@ -159,8 +216,15 @@ class TaskCoordinator:
     # -- reading --------------------------------------------------------------------------
 
     async def history(self, task: Any, after: int = 0) -> list[dict[str, Any]]:
-        rt = await runtime.current()
+        """The task's logged events after seq ``after``, as seed queue items."""
+        rt = runtime.existing()
+        if rt is None:
+            return await sync_to_async(self.history_sync)(task, after)
         return [ev.as_message() for ev in await rt.log.read_all(registry.key_of(task), after)]
+
+    def history_sync(self, task: Any, after: int = 0) -> list[dict[str, Any]]:
+        """``history`` for sync code."""
+        return [ev.as_message() for ev in syncdb.read_all(registry.key_of(task), after)]
 
     async def subscribe(self, run_id: int, key: TaskKey, after: int) -> Subscription:
         """Follow a task's events after seq ``after`` (call ``unsubscribe`` when done)."""
@@ -233,6 +297,14 @@ def _context(task: Any) -> RunContext:
             "process(), while a worker runs it; start it with coordinator.start_task(task)"
         )
     return ctx
+
+
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _check_names(key: TaskKey, app_name: str | None, model_name: str | None) -> None:

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, ClassVar
 
-from asgiref.sync import async_to_sync
 from django.db import models
 
 from streaming import registry
@@ -89,16 +88,33 @@ class StreamTask(models.Model):
         """The path that cancels this task, with a cancel token (``POST`` it)."""
         return coordinator.cancel_url(self, expires_in=expires_in)
 
+    # Django-style pairs: ``x()`` for sync code (on Django's own connection, in the caller's
+    # transaction), ``ax()`` for async code. Neither opens a connection of its own.
+
+    def start(self) -> None:
+        """Queue this task durably (idempotent), for a worker to run."""
+        coordinator.start_task_sync(self)
+
+    async def astart(self) -> None:
+        """Queue this task durably (idempotent); claimed here when this loop runs a worker."""
+        await coordinator.start_task(self)
+
+    def cancel(self) -> bool:
+        """Ask for this task to be cancelled, wherever it runs. False if already finished."""
+        key = registry.key_of(self)
+        return coordinator.cancel_task_sync(key.app_label, key.model_name, key.task_id)
+
     async def acancel(self) -> bool:
         """Ask for this task to be cancelled, wherever it runs. False if already finished."""
         key = registry.key_of(self)
         return await coordinator.cancel_task(key.app_label, key.model_name, key.task_id)
 
     def events(self, after: int = 0) -> list[dict[str, Any]]:
-        """The logged events after seq ``after``, as seed queue items (sync)."""
-        return async_to_sync(self.aevents)(after)
+        """The logged events after seq ``after``, as seed queue items."""
+        return coordinator.history_sync(self, after)
 
     async def aevents(self, after: int = 0) -> list[dict[str, Any]]:
+        """The logged events after seq ``after``, as seed queue items."""
         return await coordinator.history(self, after)
 
 

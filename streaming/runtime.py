@@ -114,8 +114,27 @@ _starting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future[R
 )
 
 
+def existing() -> Runtime | None:
+    """This event loop's runtime if one was started on it (None outside a running loop).
+
+    A runtime is started by what runs on a loop for long: ``runserver_stream``,
+    ``runworker_stream``, the ASGI mount, the test helpers. The coordinator's short calls
+    (start, enqueue, cancel, history) use it when there is one and otherwise go through
+    Django's own connection (``streaming.syncdb``), so a short-lived loop opens nothing.
+    """
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return _runtimes.get(loop)
+
+
 async def current() -> Runtime:
-    """This event loop's runtime, created and started on first use."""
+    """This event loop's runtime, created and started on first use.
+
+    For what needs one (streams, the seed's ``add_client``, running tasks). Whoever causes
+    one to be created on a loop must close it with ``shutdown()`` before the loop ends.
+    """
     loop = asyncio.get_running_loop()
     rt = _runtimes.get(loop)
     if rt is not None:

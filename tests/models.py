@@ -41,6 +41,17 @@ class ExampleTask(StreamTask):
         return {"message": self.message, "steps": self.total_steps}
 
 
+class ShoutingTask(ExampleTask):
+    """A proxy of ExampleTask with a process() of its own: its tasks run as themselves."""
+
+    class Meta:
+        proxy = True
+
+    async def process(self) -> Any:
+        await self.send_event("shout", {"message": self.message.upper()})
+        return {"message": self.message.upper()}
+
+
 class ContinueTask(StreamTask):
     """Keeps going whether or not anybody listens: the seed's disconnect scenario."""
 

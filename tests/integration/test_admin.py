@@ -295,21 +295,6 @@ def test_watch_links_on_another_origin_signed_or_not() -> None:
     assert not tokens.check(unquote(query), key, "cancel")
 
 
-def test_run_async_closes_what_it_opened() -> None:
-    async def runtimes() -> int:
-        await runtime.current()
-        return len(runtime._runtimes)
-
-    assert streaming_admin.run_async(runtimes) >= 1
-    assert not runtime._runtimes  # the action's loop and its runtime are gone
-
-    async def inside_a_loop() -> int:
-        return streaming_admin.run_async(runtimes)  # a thread of its own, then
-
-    assert asyncio.run(inside_a_loop()) >= 1
-    assert not runtime._runtimes
-
-
 # -- a screenshot ----------------------------------------------------------------------------
 
 
@@ -346,11 +331,14 @@ def test_screenshot_of_a_task_page(staff: Client, settings: Any, tmp_path: Path)
 
     async def run_it() -> None:
         rt = await runtime.current()
-        await coordinator.start_task(task)
-        await wait_for_status(rt, task)
+        try:
+            await coordinator.start_task(task)
+            await wait_for_status(rt, task)
+        finally:
+            await runtime.shutdown()
         await sync_to_async(connections.close_all)()
 
-    streaming_admin.run_async(run_it)
+    asyncio.run(run_it())
     session = staff.cookies["sessionid"].value
 
     # Playwright runs an event loop in this thread: no ORM call from here on.
