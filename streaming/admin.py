@@ -56,7 +56,7 @@ EVENT_TYPE_SAMPLE = 10_000
 _FINISHED_STATUSES = sorted(str(s) for s in FINISHED)
 
 
-# -- re-running finished tasks ----------------------------------------------------------------
+# -- deleting tasks with their logs ----------------------------------------------------------
 
 
 # A task's events and run, deleted with its row in one transaction (Django's, since the row
@@ -420,8 +420,8 @@ class StreamTaskAdmin(admin.ModelAdmin):
     state (read-only), the result (``final_value``, or ``error``), the latest
     ``LATEST_EVENTS`` events (newest first, one query) and a link to the watch page. The
     run-state fields are never editable. Actions: start (never-started tasks; needs the add
-    permission), cancel (the change permission) and re-run finished tasks (add), the same
-    permissions the ``DjangoUsers`` policy asks for.
+    permission) and cancel (the change permission), the same permissions the ``DjangoUsers``
+    policy asks for.
     """
 
     #: Where the stream server (``manage.py runserver_stream``) answers, e.g.
