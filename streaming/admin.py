@@ -420,8 +420,8 @@ class StreamTaskAdmin(admin.ModelAdmin):
     state (read-only), the result (``final_value``, or ``error``), the latest
     ``LATEST_EVENTS`` events (newest first, one query) and a link to the watch page. The
     run-state fields are never editable. Actions: start (never-started tasks; needs the add
-    permission) and cancel (the change permission), the same permissions the ``DjangoUsers``
-    policy asks for.
+    permission), cancel (the change permission) and re-run finished tasks as a new attempt
+    (add), the same permissions the ``DjangoUsers`` policy asks for.
     """
 
     #: Where the stream server (``manage.py runserver_stream``) answers, e.g.
@@ -443,7 +443,7 @@ class StreamTaskAdmin(admin.ModelAdmin):
     )
     list_filter = ("status", "created_at", "completed_at")
     ordering = ("-pk",)
-    actions = ("start_selected", "cancel_selected")
+    actions = ("start_selected", "cancel_selected", "rerun_selected")
 
     # -- the change page ------------------------------------------------------------------
 
@@ -555,6 +555,15 @@ class StreamTaskAdmin(admin.ModelAdmin):
         for key in keys:
             cancelled += coordinator.cancel_task_sync(key.app_label, key.model_name, key.task_id)
         self._report(request, cancelled, len(keys), "cancelled", "finished or never started")
+
+    @admin.action(description="Re-run selected finished tasks", permissions=["add"])
+    def rerun_selected(self, request: HttpRequest, queryset: QuerySet[Any]) -> None:
+        keys = [registry.key_of(task) for task in queryset]
+        queued = 0
+        with transaction.atomic():
+            for key in keys:
+                queued += coordinator.rerun_task_sync(key.app_label, key.model_name, key.task_id)
+        self._report(request, queued, len(keys), "queued again", "not finished")
 
     def _report(self, request: HttpRequest, done: int, of: int, what: str, why: str) -> None:
         noun = "task" if done == 1 else "tasks"

@@ -194,6 +194,23 @@ class TaskCoordinator:
         key = registry.key_for(app, model_name, task_id)
         return syncdb.cancel(key, conf.get().CHANNEL, CANCELLED_ERROR)
 
+    # -- re-running -----------------------------------------------------------------------
+
+    async def rerun_task(self, *args: Any) -> bool:
+        """Run a finished task again, as a new attempt appended to its log (the earlier
+        ``end`` events become ``previous_end``); False when it is not finished."""
+        return await sync_to_async(self.rerun_task_sync)(*args)
+
+    def rerun_task_sync(self, *args: Any) -> bool:
+        """``rerun_task`` for sync code (in the caller's transaction)."""
+        app, model_name, task_id = _split_args(args)
+        key = registry.key_for(app, model_name, task_id)
+        run_id = syncdb.rerun(key, conf.get().CHANNEL)
+        if run_id is None:
+            return False
+        logger.info("queued task %s again (run %s)", key.path, run_id)
+        return True
+
     # -- writing --------------------------------------------------------------------------
 
     async def append_event(self, task: Any, event_type: str, data: dict[str, Any]) -> int:

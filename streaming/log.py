@@ -68,6 +68,10 @@ class EventLog:
         self.recent.forget(run_id)
         self.notifier.queued(run_id)
 
+    def requeued_elsewhere(self, run_id: int) -> None:
+        """Another process queued the run: forget what this one remembers of its rows."""
+        self.recent.forget(run_id)
+
     async def read(self, key: TaskKey, after: int, limit: int = PAGE) -> list[Event]:
         """Events of one task with seq > ``after``, in seq order, at most ``limit``."""
         cached = self.recent.read(key, after, limit, self.max_bytes)

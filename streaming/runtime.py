@@ -66,9 +66,15 @@ class Runtime:
         self.worker = Worker(
             self.store, self.appender.append, orm.load_task, worker_settings(settings)
         )
-        self.hub.on_queued = self.worker.wake
+        self.hub.on_queued = self._queued
         self.hub.on_cancel = self._cancel_here
         self.background: set[asyncio.Task[Any]] = set()
+
+    def _queued(self, run_id: int) -> None:
+        # Queued again elsewhere (released, or re-run: its earlier ``end`` renamed): rows
+        # this process remembers of the run may be stale now.
+        self.log.requeued_elsewhere(run_id)
+        self.worker.wake(run_id)
 
     def _cancel_here(self, run_id: int) -> None:
         self.worker.stop_local(run_id, "cancelled")

@@ -92,6 +92,17 @@ def cancel(key: TaskKey, channel: str, error: dict[str, Any]) -> bool:
     return True
 
 
+def rerun(key: TaskKey, channel: str) -> int | None:
+    """Queue a finished task again as a new attempt; its run id, None if it is not finished."""
+    with transaction.atomic(using=DEFAULT_DB_ALIAS):
+        rows = _run("rerun", key.params)
+        if not rows:
+            return None
+        run_id = int(rows[0][0])
+        _notify(channel, notifier.encode({}, [run_id], []))
+    return run_id
+
+
 def status(key: TaskKey) -> Status | None:
     """The task's run status; None when it was never started."""
     rows = _run("run_status", key.params)

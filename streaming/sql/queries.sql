@@ -139,3 +139,7 @@ DELETE FROM streaming_taskevent
 -- notify_in_transaction --
 -- A NOTIFY in the caller's transaction, delivered when it commits (the admin's delete).
 SELECT pg_notify(%(channel)s, %(payload)s);
+
+-- rerun --
+-- Queue a finished task again as a new attempt (migrations_sql/0007_rerun.sql).
+SELECT id, last_seq FROM streaming_rerun(%(app_label)s, %(model_name)s, %(task_id)s);

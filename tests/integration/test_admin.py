@@ -249,6 +249,44 @@ async def test_start_queues_only_never_started_tasks(rt: Any, staff: Client) -> 
     assert await wait_for_status(rt, fresh) == "completed"
 
 
+async def test_rerun_appends_a_new_attempt_after_the_log_of_a_finished_task(
+    rt: Any, staff: Client
+) -> None:
+    await rt.hub.wait_listening()  # the re-run's NOTIFY wakes this loop's worker
+    rt.worker.start()
+    done = await completed(rt, ScriptedTask, ticks=2)
+    fresh = await ScriptedTask.objects.acreate(ticks=1)
+    first = log_of(done)
+    assert [t for _, _, t in first][-1] == "end"
+
+    notes = await action(staff, SCRIPTED, "rerun_selected", done.pk, fresh.pk)
+    assert notes == ["1 task queued again. 1 left alone (not finished)."]
+    assert await wait_for_status(rt, done, ("completed",), timeout=10) == "completed"
+    log = log_of(done)
+    seqs = [seq for seq, _, _ in log]
+    assert seqs == list(range(1, len(log) + 1))  # gap-free across both attempts
+    types = [t for _, _, t in log]
+    assert types[: len(first)] == [*[t for _, _, t in first][:-1], "previous_end"]
+    assert types[len(first)] == "retry"  # attempt 2 begins after the last seq
+    assert types.count("end") == 1 and types[-1] == "end"
+    await done.arefresh_from_db()
+    assert (done.status, done.attempt) == ("completed", 2)
+    never = "SELECT 1 FROM streaming_taskrun WHERE model_name = 'ScriptedTask' AND task_id = %s"
+    assert sql(never, fresh.pk) == []  # never started: left alone
+    # A finished task can be re-run again; an unfinished one cannot.
+    assert await coordinator.rerun_task("tests", "ScriptedTask", done.pk) is True
+    assert await coordinator.rerun_task("tests", "ScriptedTask", fresh.pk) is False
+    assert await wait_for_status(rt, done, ("completed",), timeout=10) == "completed"
+    types = [t for _, _, t in log_of(done)]
+    assert types.count("end") == 1 and types.count("previous_end") == 2
+    # A stream replaying the log from the start passes the earlier ends, closes at the last.
+    run_id = run_row(done)[0]
+    sub = await coordinator.subscribe(run_id, registry.key_of(done), 0)
+    streamed = [ev.type async for batch in sub.batches(1.0) for ev in batch]
+    rt.hub.unsubscribe(sub)
+    assert streamed == types
+
+
 async def test_deleting_tasks_deletes_their_log_and_stops_a_running_one(
     rt: Any, staff: Client
 ) -> None:
