@@ -195,11 +195,14 @@ async def _close_when_connected(connecting: asyncio.Future[psycopg.AsyncConnecti
 
 
 class SyncReader:
-    """A per-thread sync connection for the few sync APIs (``is_task_running``)."""
+    """A per-thread sync connection for the sync API called on an event loop's thread
+    (``is_task_running``), where Django's own connection may not be used."""
 
     def __init__(self, conninfo: str) -> None:
         self.conninfo = conninfo
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._opened: list[psycopg.Connection[Any]] = []  # every thread's, for close()
 
     def fetchone(self, name: str, params: Params | None = None) -> Row | None:
         for attempt in (1, 2):
@@ -220,10 +223,15 @@ class SyncReader:
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(str(exc)) from exc
             self._local.conn = conn
+            with self._lock:
+                self._opened = [c for c in self._opened if not c.closed]
+                self._opened.append(conn)
         return conn
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close the connections of every thread (each thread opens another when it next
+        reads)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
             conn.close()
-            self._local.conn = None

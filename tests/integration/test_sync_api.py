@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -271,3 +272,26 @@ async def test_a_proxy_models_task_runs_its_own_process(rt: Any) -> None:
     await task.arefresh_from_db()
     assert task.final_value == {"message": "QUIET"}
     assert task.status == "completed"
+
+
+def test_close_closes_the_readers_of_every_thread() -> None:
+    task = ExampleTask.objects.create()
+    task.start()
+    connection.close()
+    coordinator.close()
+    before = sessions()
+
+    async def ask() -> bool:  # on an event loop: a reader connection of this thread's own
+        return coordinator.is_task_running("tests", "ExampleTask", task.pk)
+
+    threads = [threading.Thread(target=lambda: asyncio.run(ask())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sessions() == before + 3
+    coordinator.close()
+    deadline = time.monotonic() + 5  # a backend leaves pg_stat_activity as it exits
+    while sessions() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sessions() == before
