@@ -1,4 +1,8 @@
-"""One server process: uvicorn with our app, the worker, signals and graceful shutdown."""
+"""One server process: uvicorn with our app, the worker, signals and graceful shutdown.
+
+Also what every way of serving streams shares (``streaming.asgi``'s mount included): the
+stream server's ASGI app as served (``stream_app``) and the shutdown order (``wind_down``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Generator
+import socket
+import time
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -17,11 +23,12 @@ import uvicorn
 from asgiref.sync import sync_to_async
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from streaming import conf, runtime
+from streaming import conf, guard, runtime
 from streaming.orm import discard_broken_django_connections
-from streaming.server import StreamServer, build_app
+from streaming.server import StreamServer, build_app, headers_of
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("streaming.access")
 
 
 @dataclass(frozen=True)
@@ -32,7 +39,39 @@ class ServeOptions:
     worker: bool = True
     http: bool = True
     grace: float = 10.0
-    log_level: str = "info"
+    log_level: str = "warning"  # uvicorn's own loggers (ours follow the logging config)
+    access_log: bool = False  # one ``streaming.access`` line per request
+
+
+def stream_app(stream_server: StreamServer, *, access_log: bool = False) -> Any:
+    """The stream server's ASGI app as it is served: Django's connections checked before each
+    request that may use them, and, with ``access_log``, one access line per request."""
+    app = _with_usable_connections(build_app(stream_server))
+    return _with_access_log(app, conf.get()) if access_log else app
+
+
+async def wind_down(
+    rt: runtime.Runtime,
+    stream_server: StreamServer,
+    grace: float,
+    stop_serving: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """The shutdown order of every process that serves streams or runs tasks.
+
+    End the open streams (their clients reconnect, elsewhere if need be) and any that opens
+    from now on; stop claiming and give running tasks ``grace`` seconds, then release the
+    rest for immediate reclaim; ``stop_serving`` (the HTTP server's own end, when the
+    caller runs one); close this loop's runtime. The caller stops accepting connections
+    first, when it can: then reconnecting clients go to another host at once.
+    """
+    stream_server.close_streams()
+    await rt.worker.shutdown(grace)
+    # A request accepted just before we stopped listening may have become a stream since: it
+    # was ended as it opened (close_streams marks the server closing); end any stray one too.
+    stream_server.close_streams()
+    if stop_serving is not None:
+        await stop_serving()
+    await runtime.shutdown()
 
 
 class Process:
@@ -54,18 +93,27 @@ class Process:
         if self.options.worker and not self._stop.is_set():  # no claims after a signal
             rt.worker.start()
         serving = loop.create_task(self._serve()) if self.options.http else None
-        logger.info("ready: %s", self._describe())
+        if serving is None:
+            self._ready("no HTTP")
         await self._stop.wait()
         await self._shutdown(rt, serving)
 
-    def _describe(self) -> str:
+    def _ready(self, where: str) -> None:
         o = self.options
-        where = o.socket or f"http://{o.host}:{o.port}" if o.http else "no HTTP"
-        return f"{where}, worker {'on' if o.worker else 'off'}, pid {os.getpid()}"
+        logger.info("ready: %s, worker %s, pid %s", where, "on" if o.worker else "off", os.getpid())
+
+    def _listening(self, server: uvicorn.Server) -> None:
+        """Called once uvicorn listens: the ready line names the address it is bound to."""
+        if self.options.socket:
+            self._ready(f"listening on unix:{self.options.socket}")
+            return
+        sockets = [s for srv in getattr(server, "servers", []) for s in srv.sockets or ()]
+        where = ", ".join(_url(s) for s in sockets) or f"{self.options.host}:{self.options.port}"
+        self._ready(f"listening on {where}")
 
     async def _serve(self) -> None:
         o = self.options
-        app = _with_usable_connections(build_app(self.stream_server))
+        app = stream_app(self.stream_server, access_log=o.access_log)
         settings = conf.get()
         config = uvicorn.Config(
             app,
@@ -73,8 +121,11 @@ class Process:
             port=o.port or 8888,
             uds=o.socket,
             lifespan="off",
+            # uvicorn's loggers are left to the project's logging (or streaming.logs): no
+            # handlers and format of its own, so that every line of the process looks alike.
+            log_config=None,
             log_level=o.log_level,
-            access_log=False,
+            access_log=False,  # its access line holds the query string (a token, perhaps)
             # The client's address comes from guard.client_address (PROXY_HEADER and
             # PROXY_TRUSTED): uvicorn must not rewrite it from X-Forwarded-For first.
             proxy_headers=False,
@@ -85,7 +136,7 @@ class Process:
             # Typed int, but only ever handed to loop.call_later: a float is fine.
             timeout_keep_alive=settings.IDLE_TIMEOUT,  # type: ignore[arg-type]
         )
-        self.uvicorn = _QuietServer(config)
+        self.uvicorn = _QuietServer(config, on_started=self._listening)
         await self.uvicorn.serve()
 
     def _stop_accepting(self) -> None:
@@ -102,20 +153,22 @@ class Process:
 
     async def _shutdown(self, rt: runtime.Runtime, serving: asyncio.Task[Any] | None) -> None:
         # Refuse new connections first, so that reconnecting clients (and a proxy's retries)
-        # go to another host instead of opening a stream here that shutdown would cut; then
-        # end the open streams, so their clients reconnect elsewhere while tasks wind down.
+        # go to another host instead of opening a stream here that shutdown would cut.
         self._stop_accepting()
-        self.stream_server.close_streams()
-        await rt.worker.shutdown(self.options.grace)
-        # A request accepted just before we stopped listening may have become a stream
-        # since: end it cleanly too, rather than let uvicorn cancel it mid-response.
-        self.stream_server.close_streams()
-        if self.uvicorn is not None:
-            self.uvicorn.should_exit = True
-        if serving is not None:
-            await serving
-        await runtime.shutdown()
+
+        async def stop_serving() -> None:
+            if self.uvicorn is not None:
+                self.uvicorn.should_exit = True
+            if serving is not None:
+                await serving
+
+        await wind_down(rt, self.stream_server, self.options.grace, stop_serving)
         logger.info("stopped")
+
+
+def _url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 _NO_ORM_PATHS = frozenset({"/health", "/metrics"})
@@ -135,6 +188,54 @@ def _with_usable_connections(app: Any) -> Any:
         await app(scope, receive, send)
 
     return wrapped
+
+
+def _with_access_log(app: Any, settings: conf.StreamingSettings) -> Any:
+    """The ASGI app, logging one ``streaming.access`` line per request as it ends.
+
+    ``GET /stream/tests/ExampleTask/1 200 127.0.0.1 1.250s``: method, path, status ("-" when
+    the client left before any answer), the client's address (from ``PROXY_HEADER`` when
+    the peer is a trusted proxy) and the time taken. Never the query string: it may hold a
+    signed token. Unprintable bytes of the path are escaped, so a line cannot be forged.
+    """
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = "-"
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await app(scope, receive, sending)
+        except Exception:
+            if status == "-":
+                status = "500"  # what uvicorn answers for an app that raised
+            raise
+        finally:
+            peer = (scope.get("client") or ("", 0))[0] or "-"
+            access_logger.info(
+                "%s %s %s %s %.3fs",
+                scope["method"],
+                _printable(scope.get("raw_path") or scope["path"].encode()),
+                status,
+                guard.client_address(peer, headers_of(scope), settings),
+                time.monotonic() - started,
+            )
+
+    return wrapped
+
+
+def _printable(raw: bytes) -> str:
+    """A path as logged: ASCII, with control characters, spaces and other bytes escaped."""
+    text = raw.decode("latin-1").encode("unicode_escape").decode("ascii")
+    return text.replace(" ", "\\x20")
 
 
 # While no head is being read, bytes are fed to the parser this many at a time (at most), so
@@ -276,11 +377,21 @@ class _Refused(Exception):
 
 
 class _QuietServer(uvicorn.Server):
-    """uvicorn, minus its signal handlers: the Process owns SIGTERM/SIGINT."""
+    """uvicorn, minus its signal handlers (the Process owns SIGTERM/SIGINT), telling the
+    process once it listens."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[uvicorn.Server], None]):
+        super().__init__(config)
+        self.on_started = on_started
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.on_started(self)
 
 
 def run(options: ServeOptions) -> None:

@@ -106,6 +106,7 @@ class StreamServer:
         self.settings = settings
         check_secret_key(self.policy)
         self.streams: set[Subscription] = set()
+        self.closing = False  # shutting down: a stream that opens now ends at once
         self.requests = 0
         self.refused = 0
         self.quotas = guard.Quotas(settings.MAX_STREAMS_PER_CLIENT, settings.CREATES_PER_MINUTE)
@@ -138,7 +139,7 @@ class StreamServer:
         return status, {**headers, **call.headers}, body
 
     def _call(self, request: asgineer.HttpRequest) -> Call:
-        headers = _headers(request.scope)
+        headers = headers_of(request.scope)
         peer = (request.scope.get("client") or ("", 0))[0] or ""
         who = Request(
             method=request.method,
@@ -271,6 +272,10 @@ class StreamServer:
         rt = await runtime.current()
         sub = rt.hub.subscribe(run_id, found.key, after)
         self.streams.add(sub)
+        if self.closing:
+            # Accepted before shutdown began, streaming only now: it opens and ends at once,
+            # so its client reconnects (elsewhere) instead of holding the shutdown up.
+            sub.close()
         request = call.http
         loop = asyncio.get_running_loop()
         watchers = [
@@ -398,7 +403,9 @@ class StreamServer:
         return 200, {"content-type": "text/plain; version=0.0.4"}, text
 
     def close_streams(self) -> None:
-        """End every open stream (shutdown): clients reconnect, to another host if need be."""
+        """End every open stream, and any that opens from now on (shutdown): clients
+        reconnect, to another host if need be."""
+        self.closing = True
         for sub in list(self.streams):
             sub.close()
 
@@ -472,7 +479,7 @@ def _cookies(header: str) -> dict[str, str]:
     return {name: morsel.value for name, morsel in jar.items()}
 
 
-def _headers(scope: Mapping[str, Any]) -> dict[str, str]:
+def headers_of(scope: Mapping[str, Any]) -> dict[str, str]:
     """The request's headers, lower-case names, decoded as latin-1: any byte is valid there
     (asgineer's ``request.headers`` decodes UTF-8 and raises on the rest). A repeated header
     keeps its last value."""

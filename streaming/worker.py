@@ -177,7 +177,11 @@ class Worker:
         if claim.attempt > 1:
             self.counts["reclaimed"] += 1
         logger.info(
-            "claimed task %s (run %s, attempt %s)", claim.key.path, claim.run_id, claim.attempt
+            "%s task %s (run %s, attempt %s)",
+            "reclaimed" if claim.attempt > 1 else "claimed",
+            claim.key.path,
+            claim.run_id,
+            claim.attempt,
         )
         stale = self.running.get(claim.run_id)
         if stale is not None:
@@ -320,7 +324,9 @@ class Worker:
         )
         if seq is not None:
             self.counts[str(status)] += 1
-            logger.info("task %s %s (attempt %s)", ctx.key.path, status, ctx.attempt)
+            logger.info(
+                "task %s %s (run %s, attempt %s)", ctx.key.path, status, ctx.run_id, ctx.attempt
+            )
         return seq
 
     async def _release(self, ctx: RunContext) -> None:
@@ -333,6 +339,12 @@ class Worker:
             return
         if released:
             self.counts["released"] += 1
+            logger.info(
+                "task %s released for another worker (run %s, attempt %s)",
+                ctx.key.path,
+                ctx.run_id,
+                ctx.attempt,
+            )
 
     # -- stopping -------------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""manage.py runserver_stream: the SSE server and (unless --no-worker) a worker."""
+"""manage.py runserver_stream: the SSE server and (unless --no-worker) a worker.
+
+It logs where it listens, each task its worker claims and finishes, and (with
+``--access-log``) one line per request, on stderr when the project configured no logging
+for the package (``streaming.logs``).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 
-from streaming import conf, policy, server
+from streaming import conf, logs, policy, server
 from streaming.serve import ServeOptions, run
 
 DEFAULT_SOCKET = "/tmp/streaming-coordinator.sock"
@@ -39,8 +44,16 @@ class Command(BaseCommand):
             default=None,
             help="seconds running tasks get to finish on shutdown",
         )
+        parser.add_argument(
+            "--access-log",
+            action="store_true",
+            help="log one line per request (method, path without the query string, status, "
+            "client address, duration) to the streaming.access logger",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        verbosity = options["verbosity"]
+        logs.configure(verbosity, access_log=options["access_log"])
         host, port, sock = options["host"], options["port"], options["socket"]
         if sock and (host or port):
             raise CommandError("use either --socket or --host/--port, not both")
@@ -58,6 +71,7 @@ class Command(BaseCommand):
                 socket=sock,
                 worker=not options["no_worker"],
                 grace=settings.SHUTDOWN_GRACE if options["grace"] is None else options["grace"],
-                log_level="warning" if options["verbosity"] < 1 else "info",
+                log_level=logs.uvicorn_level(verbosity),
+                access_log=options["access_log"],
             )
         )

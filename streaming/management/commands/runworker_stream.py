@@ -1,4 +1,8 @@
-"""manage.py runworker_stream: run queued tasks, serve no HTTP (hosts that only compute)."""
+"""manage.py runworker_stream: run queued tasks, serve no HTTP (hosts that only compute).
+
+It logs when it is ready and each task it claims and finishes, on stderr when the project
+configured no logging for the package (``streaming.logs``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from streaming import conf
+from streaming import conf, logs
 from streaming.serve import ServeOptions, run
 
 
@@ -23,6 +27,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        logs.configure(options["verbosity"])
         settings = conf.get()
         grace = settings.SHUTDOWN_GRACE if options["grace"] is None else options["grace"]
         run(ServeOptions(http=False, worker=True, grace=grace))
