@@ -11,10 +11,12 @@ ROOT = Path(__file__).resolve().parent
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
     if not os.environ.get("DATABASE_URL") and _needs_database(sys.argv[1:2]):
-        from streaming.embedded import ensure_shared_server
+        from streaming.embedded import EmbeddedPostgresError, ensure_shared_server
 
-        # This process is a user of the shared server until it exits.
-        os.environ["DATABASE_URL"] = ensure_shared_server(ROOT / ".pgdata")
+        try:  # this process is a user of the shared server until it exits
+            os.environ["DATABASE_URL"] = ensure_shared_server(ROOT / ".pgdata")
+        except EmbeddedPostgresError as exc:  # no binaries, say: the message says what to do
+            sys.exit(f"manage.py: could not start the embedded Postgres: {exc}")
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(sys.argv)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
+from streaming import dburl
 from streaming.conf import from_environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -51,29 +51,18 @@ TEMPLATES = [
 ]
 
 
-def database_from_url(url: str) -> dict[str, object]:
-    """A DATABASES entry from a postgres:// or postgresql:// URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"DATABASE_URL must start with postgres:// or postgresql://, got {url!r}")
-    return {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": unquote(parts.path.lstrip("/")) or "postgres",
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": parts.hostname or "",
-        "PORT": parts.port or "",
-        "CONN_MAX_AGE": 0,
-        "TEST": {"NAME": os.environ.get("STREAMING_TEST_DB_NAME") or None},
+# manage.py sets DATABASE_URL (the shared embedded server in .pgdata/) when it is unset and the
+# command needs a database; so does the test plugin (a throwaway server). The fallback serves
+# what only imports the settings (mypy's Django plugin, manage.py check).
+_TEST_DATABASE = {"NAME": os.environ.get("STREAMING_TEST_DB_NAME") or None}
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dburl.database(TEST=_TEST_DATABASE)}
+else:
+    DATABASES = {
+        "default": dburl.database(
+            "postgresql://postgres@127.0.0.1:5432/streaming", TEST=_TEST_DATABASE
+        )
     }
-
-
-# manage.py sets DATABASE_URL (an embedded server) when it is unset; so does the test plugin.
-DATABASES = {
-    "default": database_from_url(
-        os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/streaming")
-    )
-}
 
 STREAMING = {
     "POLICY": "streaming.policy.AllowAll",  # development only: see the module docstring

