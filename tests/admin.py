@@ -20,7 +20,7 @@ from tests.models import (
 class ExampleTaskAdmin(StreamTaskAdmin):
     list_display = (*StreamTaskAdmin.list_display, "message", "total_steps")
     search_fields = ("message",)
-    # The example's stream server (README, "Two commands"); this admin is on another origin.
+    # The example's stream server (README, "The example project: two commands"); this admin is on another origin.
     stream_base_url = "http://127.0.0.1:8888"
 
 
