@@ -147,15 +147,37 @@ def jsonb_refuses(value: object) -> bool:
     """Whether any string in ``value`` (keys included) holds what jsonb refuses to store.
 
     Only called when the JSON text has an escape that may be one of those (rare), so the
-    common event pays one substring test. The six characters ``\\u0000`` are fine.
+    common event pays one substring test. The six characters ``\\u0000`` are fine. Walks
+    with a stack of its own, not by recursion: since Python 3.12 ``json.loads`` parses
+    nesting far deeper than the interpreter's recursion limit.
     """
-    if isinstance(value, str):
-        return _JSONB_REFUSES.search(value) is not None
-    if isinstance(value, dict):
-        return any(jsonb_refuses(k) or jsonb_refuses(v) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(jsonb_refuses(v) for v in value)
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _JSONB_REFUSES.search(item) is not None:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
     return False
+
+
+def nesting_depth(value: object) -> int:
+    """How deeply lists and dicts nest in ``value`` (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list | tuple):
+            depth += 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in item if isinstance(child, dict | list | tuple))
+    return deepest
 
 
 def iso(moment: datetime) -> str:

@@ -432,6 +432,11 @@ def _check_post(call: Call, settings: conf.StreamingSettings, body: bool) -> Non
         raise HttpError(403, "cross-origin request refused")
 
 
+# Deeper bodies are refused: Python 3.12+ parses nesting past the recursion limit, which
+# Django's JSONField, the ORM and jsonb would then meet one by one.
+MAX_BODY_DEPTH = 64
+
+
 async def _json_body(request: asgineer.HttpRequest, limit: int) -> dict[str, Any]:
     """The body as a JSON object: strict (no NaN, no duplicate keys), bounded, storable."""
     try:
@@ -449,6 +454,8 @@ async def _json_body(request: asgineer.HttpRequest, limit: int) -> dict[str, Any
         raise BadRequest("the body must be a JSON object of field values") from exc
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object of field values")
+    if events.nesting_depth(body) > MAX_BODY_DEPTH:
+        raise BadRequest(f"the body nests deeper than {MAX_BODY_DEPTH} levels")
     if events.jsonb_refuses(body):
         raise BadRequest("the body holds NUL characters or unpaired surrogates")
     return body

@@ -881,6 +881,18 @@ def test_an_oversized_body_is_413(server_factory: Serve) -> None:
     assert send("POST", server.url + TASKS, as_json, content=small).status == 201
 
 
+def test_a_body_nested_too_deeply_is_400(server_factory: Serve) -> None:
+    server = server_factory("--no-worker")
+    as_json = {"Content-Type": "application/json"}
+    for levels in (65, 5000):  # 5000: past the recursion limit, which json.loads ignores
+        body = ('{"ticks": 1, "result": ' + "[" * levels + "]" * levels + "}").encode()
+        answer = send("POST", server.url + TASKS, as_json, content=body)
+        assert answer.status == 400, (levels, answer.body)
+        assert b"nests deeper" in answer.body
+    body = ('{"ticks": 1, "result": ' + "[" * 60 + "]" * 60 + "}").encode()
+    assert send("POST", server.url + TASKS, as_json, content=body).status == 201
+
+
 # -- /metrics ----------------------------------------------------------------------------------
 
 

@@ -84,3 +84,17 @@ def test_the_package_exports_what_the_seed_exports() -> None:
     assert streaming.StreamingClient is StreamingClient and streaming.get_client is get_client
     assert streaming.__version__.count(".") == 2
     assert {"StreamTask", "StreamingClient", "get_client", "__version__"} <= set(streaming.__all__)
+
+
+def test_nesting_depth_and_jsonb_refuses_walk_deeper_than_the_recursion_limit() -> None:
+    import sys
+
+    from streaming.events import jsonb_refuses, nesting_depth
+
+    levels = sys.getrecursionlimit() * 3
+    deep = json.loads('{"a": ' + "[" * levels + '"\\u0000"' + "]" * levels + "}")
+    assert nesting_depth(deep) == levels + 1
+    assert jsonb_refuses(deep) is True
+    assert jsonb_refuses(json.loads('{"a": ' + "[" * levels + "1" + "]" * levels + "}")) is False
+    assert jsonb_refuses({"k\x00": 1}) is True  # keys too
+    assert [nesting_depth(v) for v in (1, "s", [], {}, {"a": [1, {"b": 2}]})] == [0, 0, 1, 1, 3]
