@@ -28,10 +28,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True)
 def _close_sync_connection() -> Iterator[None]:
+    """After each test, close the library's sync readers and the Django connection of
+    asgiref's thread (async calls on a loop without a runtime run their statements there),
+    so that no test inherits a connection an earlier one broke (a terminated backend)."""
     yield
-    from streaming.coordinator import coordinator
+    from streaming.testing import close_connections
 
-    coordinator.close()
+    close_connections()
 
 
 @pytest.fixture

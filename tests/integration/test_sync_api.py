@@ -295,3 +295,35 @@ def test_close_closes_the_readers_of_every_thread() -> None:
     while sessions() != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sessions() == before
+
+
+def test_the_sync_calls_survive_a_terminated_backend_outside_a_transaction() -> None:
+    task = ExampleTask.objects.create()
+
+    def kill_djangos_backend() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            (pid,) = cursor.fetchone()
+        sql("SELECT pg_terminate_backend(%s)", pid)
+        time.sleep(0.1)
+
+    kill_djangos_backend()
+    task.start()  # a fresh connection, once, and the statement again
+    assert run_row(task) == ("pending", 0)
+    kill_djangos_backend()
+    assert task.events() == []
+    kill_djangos_backend()
+    assert coordinator.is_task_running("tests", "ExampleTask", task.pk) is True
+    kill_djangos_backend()
+    assert task.cancel() is True
+    assert run_row(task) == ("cancelled", 2)
+
+    # Inside the caller's transaction the error is the caller's: nothing is retried there.
+    from streaming.exceptions import DatabaseUnavailable
+
+    other = ExampleTask.objects.create()
+    with pytest.raises(DatabaseUnavailable), transaction.atomic():
+        kill_djangos_backend()
+        other.start()
+    connection.close()
+    assert run_row(other) is None
