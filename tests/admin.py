@@ -20,7 +20,8 @@ from tests.models import (
 class ExampleTaskAdmin(StreamTaskAdmin):
     list_display = (*StreamTaskAdmin.list_display, "message", "total_steps")
     search_fields = ("message",)
-    # The example's stream server (README, "The example project: two commands"); this admin is on another origin.
+    # The example's stream server (README, "The example project: two commands"), on another
+    # origin than this admin.
     stream_base_url = "http://127.0.0.1:8888"
 
 

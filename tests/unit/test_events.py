@@ -97,4 +97,5 @@ def test_nesting_depth_and_jsonb_refuses_walk_deeper_than_the_recursion_limit() 
     assert jsonb_refuses(deep) is True
     assert jsonb_refuses(json.loads('{"a": ' + "[" * levels + "1" + "]" * levels + "}")) is False
     assert jsonb_refuses({"k\x00": 1}) is True  # keys too
-    assert [nesting_depth(v) for v in (1, "s", [], {}, {"a": [1, {"b": 2}]})] == [0, 0, 1, 1, 3]
+    values: list[object] = [1, "s", [], {}, {"a": [1, {"b": 2}]}]
+    assert [nesting_depth(v) for v in values] == [0, 0, 1, 1, 3]
