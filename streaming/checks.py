@@ -21,8 +21,10 @@ def postgres_engine(app_configs: Any = None, **kwargs: Any) -> list[Error]:
     return [
         Error(
             "streaming requires PostgreSQL 14 or newer as the default database.",
-            hint=f"DATABASES['default']['ENGINE'] is {engine!r}: use "
-            "'django.db.backends.postgresql' (or streaming.embedded for development).",
+            hint=f"DATABASES['default']['ENGINE'] is {engine!r}. Use your Postgres: "
+            '{"default": streaming.dburl.database()} with DATABASE_URL=postgres://..., or in '
+            'development {"default": streaming.embedded.database(BASE_DIR / ".pgdata")} '
+            "(pip install 'django-streaming-tasks[embedded]').",
             id="streaming.E001",
         )
     ]
