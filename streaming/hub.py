@@ -287,7 +287,12 @@ class Hub:
                 self.listening = True
                 self._connected.set()
                 backoff = 0.1
-                await self.poll_once()  # whatever was missed while not listening
+                try:
+                    await self.poll_once()  # whatever was missed while not listening
+                except DatabaseUnavailable:
+                    # The pool, not this connection, failed (it may be reconnecting after
+                    # the same outage): keep listening; the periodic poll reads it later.
+                    logger.warning("catching up after reconnecting failed; the poll will retry")
                 while True:
                     async for payload in self.listener.payloads(self.health_interval):
                         self._dispatch(payload)
