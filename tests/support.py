@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,3 +203,33 @@ def sql(query: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(database_url_from_settings(), autocommit=True) as conn:
         cur = conn.execute(query.encode(), params or None)
         return list(cur.fetchall()) if cur.description else []
+
+
+@contextlib.contextmanager
+def django_wsgi_server() -> Iterator[str]:
+    """This project's Django over HTTP on a free port: a thread per request, in this process.
+
+    Not pytest-django's ``live_server``: with no STATIC_URL in tests/settings.py its static
+    files handler fails every request."""
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from django.core.handlers.wsgi import WSGIHandler
+
+    class Threaded(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = make_server("127.0.0.1", 0, WSGIHandler(), server_class=Threaded, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="django-http", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from streaming import registry, runtime, tokens
 from streaming.coordinator import coordinator
 from streaming.models import TaskEvent, TaskRun
 from tests.models import ExampleTask, ScriptedTask
-from tests.support import sql, wait_for_status
+from tests.support import django_wsgi_server, sql, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -336,31 +333,6 @@ def test_watch_links_on_another_origin_signed_or_not() -> None:
 # -- a screenshot ----------------------------------------------------------------------------
 
 
-@contextmanager
-def django_server() -> Iterator[str]:
-    """This project's Django (the admin) over HTTP on a free port, in a thread.
-
-    Not pytest-django's ``live_server``: with no STATIC_URL in tests/settings.py its static
-    files handler fails every request."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    from django.core.handlers.wsgi import WSGIHandler
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, WSGIHandler(), handler_class=Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="admin-http", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
 def test_screenshot_of_a_task_page(staff: Client, settings: Any, tmp_path: Path) -> None:
     """A finished ExampleTask's change page in headless Chromium, saved as docs/admin.png
     when UPDATE_SCREENSHOTS=1 (always taken and checked, under tmp_path otherwise)."""
@@ -394,7 +366,7 @@ def test_screenshot_of_a_task_page(staff: Client, settings: Any, tmp_path: Path)
             route.abort()
 
     shot = tmp_path / "admin.png"
-    with django_server() as base, sync_playwright() as pw:
+    with django_wsgi_server() as base, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 900})

@@ -26,7 +26,7 @@ from django.urls import path
 from streaming import conf, runtime
 from streaming.coordinator import coordinator
 from tests.models import ExampleTask, ShoutingTask
-from tests.support import database_url_from_settings, sql, wait_for_status
+from tests.support import database_url_from_settings, django_wsgi_server, sql, wait_for_status
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -216,37 +216,12 @@ def start_view(request: HttpRequest, pk: int) -> HttpResponse:
 urlpatterns = [path("start/<int:pk>", start_view)]
 
 
-@contextmanager
-def wsgi_server() -> Iterator[str]:
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
-
-    from django.core.handlers.wsgi import WSGIHandler
-
-    class Threaded(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = make_server("127.0.0.1", 0, WSGIHandler(), server_class=Threaded, handler_class=Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="wsgi", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
-
-
 def test_a_wsgi_view_starting_tasks_keeps_the_session_count_flat(settings: Any) -> None:
     settings.ROOT_URLCONF = __name__
     tasks = [ExampleTask.objects.create() for _ in range(5)]
     connections.close_all()
     before = sessions()
-    with wsgi_server() as base, httpx.Client(base_url=base, timeout=30) as http:
+    with django_wsgi_server() as base, httpx.Client(base_url=base, timeout=30) as http:
         counts = []
         for i in range(300):
             how = "async_to_sync" if i % 2 else "start"
